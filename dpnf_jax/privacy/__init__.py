@@ -1,0 +1,51 @@
+"""Differential privacy: clipping strategies, per-example gradients, sampling, accounting.
+
+>>> from dpnf_jax import privacy
+>>> clipper = privacy.PerUnitClipping(l2_clip=1.0, granularity="neuron")
+>>> clipper.sensitivity()
+1.0
+"""
+
+from dpnf_jax.privacy.accounting import (
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    dpsgd_epsilon,
+    dpsgd_event,
+    epsilon_curve,
+    epsilon_of_events,
+)
+from dpnf_jax.privacy.clipped import ClippedGradSum, clipped_grad_sum
+from dpnf_jax.privacy.clipping import (
+    FlatClipping,
+    PerUnitClipping,
+    StochasticSparsification,
+    clipper_from_dict,
+)
+from dpnf_jax.privacy.sampling import PoissonBatchSampler, poisson_sample, steps_for_epochs
+
+
+def dp_fit(*args, **kwargs):
+    """DP-SGD training; see :func:`dpnf_jax.train.dp_fit` (imported lazily: train imports privacy)."""
+    from dpnf_jax.train import dp_fit as _dp_fit
+
+    return _dp_fit(*args, **kwargs)
+
+
+__all__ = [
+    "ClippedGradSum",
+    "FlatClipping",
+    "PerUnitClipping",
+    "PoissonBatchSampler",
+    "PrivacyLedger",
+    "StochasticSparsification",
+    "calibrate_noise_multiplier",
+    "clipped_grad_sum",
+    "clipper_from_dict",
+    "dp_fit",
+    "dpsgd_epsilon",
+    "dpsgd_event",
+    "epsilon_curve",
+    "epsilon_of_events",
+    "poisson_sample",
+    "steps_for_epochs",
+]

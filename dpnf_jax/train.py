@@ -1,0 +1,331 @@
+"""DP-SGD training of the flow: a pure step and the fit loop (design notes section 6).
+
+One DP-SGD step on a Poisson batch (each row in with probability q):
+
+1. the logical batch is split into fixed-shape padded chunks with a row mask, so its
+   varying size never triggers a recompilation;
+2. each chunk's sum of clipped per-example gradients is accumulated (padding rows get
+   clip factor 0 and contribute exactly nothing);
+3. Gaussian noise ``N(0, (sigma * sensitivity)^2)`` is added ONCE to the sum, on the
+   coordinates the clipper kept this step, and the result is divided by the expected
+   batch size ``qN`` (not the realised one, which would depend on the data);
+4. any optax optimizer turns it into an update.
+
+The accountant sees ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)`` plus any
+earlier events (DP histograms), and sigma is calibrated so the total meets the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from dpnf_jax.flows import model
+from dpnf_jax.flows.model import ConditionalSplineFlow, FlowConfig, Params
+from dpnf_jax.privacy import accounting, sampling
+from dpnf_jax.privacy.clipped import check_method, clipped_grad_sum_pure, unit_layout
+from dpnf_jax.privacy.clipping import Clipper, FlatClipping, atom_mask
+from dpnf_jax.privacy.units import structural_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class DPReport:
+    """What was spent and how (JSON-able via :meth:`to_dict`).
+
+    Attributes:
+      epsilon: total epsilon of all events at ``delta`` (the guarantee).
+      delta: target delta.
+      noise_multiplier: sigma; the noise std is ``sigma * sensitivity``.
+      sampling_rate: Poisson inclusion probability q.
+      steps: number of noisy steps T.
+      expected_batch_size: qN, the normaliser of the noisy sum.
+      num_rows: N.
+      clipper: the clipping strategy's settings.
+      sensitivity: L2 sensitivity of the clipped sum.
+      accountant: "pld" or "rdp".
+      events: every DP event composed into the accountant, as dicts, with labels.
+      grad_method: per-example gradient method used (performance only).
+      epochs: expected passes over the data.
+    """
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sampling_rate: float
+    steps: int
+    expected_batch_size: float
+    num_rows: int
+    clipper: dict[str, Any]
+    sensitivity: float
+    accountant: str
+    events: tuple[dict[str, Any], ...]
+    grad_method: str
+    epochs: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["events"] = list(self.events)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DPReport":
+        return cls(**{**d, "events": tuple(d["events"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class DPStep:
+    """The jitted pieces of one DP-SGD step (exposed so tests can count compilations).
+
+    ``chunk(params, data, idx, mask, step_key) -> (grad_sum, nll_sum)`` and
+    ``apply(params, opt_state, grad_sum, step_key) -> (params, opt_state)``.
+    """
+
+    chunk: Callable
+    apply: Callable
+
+
+def make_dp_step(
+    config: FlowConfig,
+    clipper: Clipper,
+    method: str,
+    optimizer: optax.GradientTransformation,
+    noise_std: float,
+    expected_batch_size: float,
+) -> DPStep:
+    """Build the jitted chunk and update functions of a DP-SGD step."""
+    check_method(method, clipper)
+    layout = unit_layout(config)
+
+    @jax.jit
+    def chunk(params, data, idx, mask, step_key):
+        mask_key, _ = jax.random.split(step_key)
+        res = clipped_grad_sum_pure(config, params, data[idx], clipper, method, mask, mask_key)
+        return res.grad_sum, jnp.sum(res.nll * mask)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def apply(params, opt_state, grad_sum, step_key):
+        mask_key, noise_key = jax.random.split(step_key)
+        kept = layout.expand(atom_mask(clipper, layout, mask_key), params)
+        coordinate_mask = jax.tree.map(lambda a, b: a * b, kept, structural_mask(params))
+        leaves, treedef = jax.tree.flatten(grad_sum)
+        keys = jax.tree.unflatten(treedef, list(jax.random.split(noise_key, len(leaves))))
+        noisy = jax.tree.map(
+            lambda g, k, m: (g + noise_std * m * jax.random.normal(k, g.shape, g.dtype)) / expected_batch_size,
+            grad_sum,
+            keys,
+            coordinate_mask,
+        )
+        updates, opt_state = optimizer.update(noisy, opt_state, params)
+        # Sparsification: coordinates not kept this step are not updated at all.
+        updates = jax.tree.map(lambda u, m: u * m, updates, coordinate_mask)
+        return optax.apply_updates(params, updates), opt_state
+
+    return DPStep(chunk, apply)
+
+
+def _flow_and_params(flow, seed: int) -> tuple[FlowConfig, Params]:
+    if isinstance(flow, ConditionalSplineFlow):
+        return flow.pure()
+    if isinstance(flow, FlowConfig):
+        return flow, model.init_params(flow, jax.random.key(seed))
+    config, params = flow
+    return config, params
+
+
+def default_optimizer(learning_rate: float = 1e-3) -> optax.GradientTransformation:
+    return optax.adam(learning_rate)
+
+
+def dp_fit(
+    flow: ConditionalSplineFlow | FlowConfig | tuple[FlowConfig, Params],
+    x: np.ndarray | jax.Array,
+    *,
+    epsilon: float,
+    delta: float,
+    epochs: float = 10.0,
+    batch_size: int = 256,
+    clipper: Clipper | None = None,
+    method: str = "fast",
+    optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
+    accountant: str = "pld",
+    chunk_size: int | None = None,
+    prior_events: Sequence[tuple[str, dp_accounting.DpEvent]] = (),
+    verbose: bool = True,
+    callback: Callable[[int, Params, float], None] | None = None,
+) -> tuple[Params, DPReport]:
+    """Train the flow with DP-SGD to an (epsilon, delta) budget.
+
+    Args:
+      flow: a module, a config (initialised from ``seed``) or ``(config, params)``.
+      x: [N, d] encoded private rows.
+      epsilon, delta: the TOTAL budget, including ``prior_events``.
+      epochs: expected passes over the data; steps ``T = ceil(epochs / q)``.
+      batch_size: expected batch size qN.
+      clipper: clipping strategy (default flat, C = 1).
+      method: "fast" (analytic), "fast_reweight" or "vmap" (reference).
+      optimizer: optax optimizer (default Adam 1e-3).
+      seed: seeds initialisation (for configs), sampling, sparsification and noise.
+      accountant: "pld" or "rdp".
+      chunk_size: rows per padded chunk (default: the expected batch size rounded up to
+        a multiple of 64). Performance only.
+      prior_events: ``(label, event)`` pairs already spent on these rows (e.g. DP
+        histograms); the noise is calibrated so that everything together meets epsilon.
+      verbose: show a progress bar with step, loss and epsilon spent.
+      callback: optional ``callback(step, params, mean_nll)`` after every step.
+
+    Returns:
+      (trained parameters, :class:`DPReport`).
+
+    Raises:
+      ValueError: on invalid settings or when the budget cannot be met.
+    """
+    clipper = FlatClipping(1.0) if clipper is None else clipper
+    check_method(method, clipper)
+    optimizer = default_optimizer() if optimizer is None else optimizer
+    config, params = _flow_and_params(flow, seed)
+    data = jnp.asarray(x, dtype=params["lu"]["log_diag"].dtype)
+    if data.ndim != 2 or data.shape[1] != config.dim:
+        raise ValueError(f"x must have shape [N, {config.dim}], got {tuple(data.shape)}")
+    if not bool(jnp.all(jnp.isfinite(data))):
+        raise ValueError("x contains non-finite values")
+    num_rows = int(data.shape[0])
+    if not (isinstance(batch_size, (int, np.integer)) and 1 <= batch_size <= num_rows):
+        raise ValueError(f"batch_size must be an integer in [1, {num_rows}], got {batch_size!r}")
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    if delta >= 1.0 / num_rows:
+        warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / num_rows:.3g}; the guarantee is weak", stacklevel=2)
+
+    sampling_rate, steps = sampling.steps_for_epochs(num_rows, int(batch_size), epochs)
+    prior = list(prior_events)
+    try:
+        sigma = accounting.calibrate_noise_multiplier(
+            epsilon, delta, sampling_rate, steps, accountant, extra_events=[event for _, event in prior]
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"cannot train to epsilon={epsilon}, delta={delta} with batch_size={batch_size}, "
+            f"epochs={epochs} on {num_rows} rows: {err}"
+        ) from err
+    training_event = accounting.dpsgd_event(sampling_rate, sigma, steps)
+    events = [*prior, ("dp-sgd", training_event)]
+    spent = accounting.epsilon_of_events([e for _, e in events], delta, accountant)
+    if spent > epsilon * (1 + 1e-9):
+        raise ValueError(f"calibration failed: spend {spent} exceeds epsilon={epsilon}")
+
+    expected = sampling_rate * num_rows
+    chunk = chunk_size or int(64 * math.ceil(expected / 64))
+    step_fns = make_dp_step(config, clipper, method, optimizer, sigma * clipper.sensitivity(), expected)
+    sampler = sampling.PoissonBatchSampler(num_rows, sampling_rate, chunk, seed)
+    opt_state = optimizer.init(params)
+    train_key = jax.random.fold_in(jax.random.key(seed), 1)
+    progress_eps = _progress_epsilons(prior, sampling_rate, sigma, steps, delta, accountant) if verbose else {}
+
+    bar = tqdm(range(steps), desc="DP-SGD", disable=not verbose, dynamic_ncols=True)
+    eps_now = accounting.epsilon_of_events([e for _, e in prior], delta, accountant) if (verbose and prior) else 0.0
+    for step in bar:
+        batch = sampler.sample()
+        step_key = jax.random.fold_in(train_key, step)
+        grad_sum, nll_sum = None, 0.0
+        for idx, mask in batch.chunks:
+            g, n = step_fns.chunk(params, data, jnp.asarray(idx), jnp.asarray(mask), step_key)
+            grad_sum = g if grad_sum is None else jax.tree.map(jnp.add, grad_sum, g)
+            nll_sum = nll_sum + n
+        params, opt_state = step_fns.apply(params, opt_state, grad_sum, step_key)
+        mean_nll = float(nll_sum) / max(batch.batch_size, 1) if (verbose or callback) else float("nan")
+        if callback is not None:
+            callback(step, params, mean_nll)
+        if verbose:
+            eps_now = progress_eps.get(step + 1, eps_now)
+            bar.set_postfix(nll=f"{mean_nll:.3f}", eps=f"{eps_now:.3f}/{epsilon:g}", refresh=False)
+    bar.close()
+
+    report = DPReport(
+        epsilon=float(spent),
+        delta=float(delta),
+        noise_multiplier=float(sigma),
+        sampling_rate=float(sampling_rate),
+        steps=int(steps),
+        expected_batch_size=float(expected),
+        num_rows=num_rows,
+        clipper=clipper.to_dict(),
+        sensitivity=float(clipper.sensitivity()),
+        accountant=accountant,
+        events=tuple({"label": label, **accounting.event_to_dict(e)} for label, e in events),
+        grad_method=method,
+        epochs=float(epochs),
+    )
+    return params, report
+
+
+def _progress_epsilons(prior, sampling_rate, sigma, steps, delta, accountant, num_points: int = 10) -> dict[int, float]:
+    """Epsilon spent after a few step counts, for the progress bar (display only)."""
+    marks = sorted({max(1, round(steps * i / num_points)) for i in range(1, num_points + 1)})
+    prior_events = [e for _, e in prior]
+    return {
+        t: accounting.epsilon_of_events([*prior_events, accounting.dpsgd_event(sampling_rate, sigma, t)], delta, accountant)
+        for t in marks
+    }
+
+
+def fit_nonprivate(
+    flow: ConditionalSplineFlow | FlowConfig | tuple[FlowConfig, Params],
+    x: np.ndarray | jax.Array,
+    *,
+    epochs: float = 10.0,
+    batch_size: int = 256,
+    optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+) -> Params:
+    """Plain maximum-likelihood training (NO privacy): the reference the DP runs are judged by."""
+    optimizer = default_optimizer() if optimizer is None else optimizer
+    config, params = _flow_and_params(flow, seed)
+    data = jnp.asarray(x, dtype=params["lu"]["log_diag"].dtype)
+    num_rows = int(data.shape[0])
+    batch_size = min(int(batch_size), num_rows)
+    steps = max(1, math.ceil(epochs * num_rows / batch_size))
+    opt_state = optimizer.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, idx):
+        def loss(p):
+            return -jnp.mean(jax.vmap(lambda xi: model.log_prob(config, p, xi))(data[idx]))
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    rng = np.random.default_rng(seed)
+    bar = tqdm(range(steps), desc="MLE (non-private)", disable=not verbose, dynamic_ncols=True)
+    for _ in bar:
+        idx = jnp.asarray(rng.choice(num_rows, batch_size, replace=False))
+        params, opt_state, value = step(params, opt_state, idx)
+        if verbose:
+            bar.set_postfix(nll=f"{float(value):.3f}", refresh=False)
+    bar.close()
+    return params
+
+
+def mean_log_prob(config: FlowConfig, params: Params, x, batch: int = 4096) -> float:
+    """Mean exact log-likelihood of rows x [N, d] (evaluated in batches)."""
+    fn = jax.jit(jax.vmap(lambda p, xi: model.log_prob(config, p, xi), in_axes=(None, 0)))
+    x = jnp.asarray(x, params["lu"]["log_diag"].dtype)
+    total = sum(float(jnp.sum(fn(params, x[i : i + batch]))) for i in range(0, x.shape[0], batch))
+    return total / x.shape[0]
