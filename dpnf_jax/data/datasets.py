@@ -77,6 +77,13 @@ def load_adult() -> tuple[pd.DataFrame, pd.DataFrame]:
     return _read_split("adult.data.gz", False), _read_split("adult.test.gz", True)
 
 
+EDUCATION_LADDER = (
+    "Preschool", "1st-4th", "5th-6th", "7th-8th", "9th", "10th", "11th", "12th",
+    "HS-grad", "Some-college", "Assoc-voc", "Assoc-acdm", "Bachelors", "Masters",
+    "Prof-school", "Doctorate",
+)
+
+
 def _parse_adult_names() -> dict[str, tuple[str, ...]]:
     """Category lists documented in adult.names: `{column: categories}` plus "income"."""
     text = _adult_file("adult.names").read_text(encoding="utf-8")
@@ -121,9 +128,15 @@ def adult_schema() -> Schema:
         # Extraction condition HRSWK > 0; the CPS top-codes usual hours at 99; the
         # standard 40-hour full-time week is a known spike.
         "hours-per-week": ContinuousColumn("hours-per-week", 1, 99, integer=True, point_masses=(40,)),
+        # The US educational ladder (public knowledge) orders adult.names' 16 levels;
+        # the same order education-num numbers 1..16. Declaring it ordinal lets the
+        # encoders keep the order instead of an arbitrary category order.
+        "education": OrdinalColumn("education", EDUCATION_LADDER),
         # Negative class first, so that code 1 is the positive label ">50K".
         "income": CategoricalColumn("income", tuple(sorted(documented["income"]))),
     }
+    if set(EDUCATION_LADDER) != set(documented["education"]):
+        raise RuntimeError("bundled adult.names and the education ladder disagree")
     for name, categories in documented.items():
         if name not in columns:
             columns[name] = CategoricalColumn(name, categories, nullable=name in ADULT_NULLABLE)

@@ -303,7 +303,7 @@ class TabularEncoder:
                 data[column.name] = self._decode_continuous(column, segments, blocks)
             else:
                 codes = _decode_levels(blocks[0], segments[0].levels, segments[0].encoding, self.interval)
-                data[column.name] = _levels_to_array(column, codes)
+                data[column.name] = levels_to_array(column, codes)
         return pd.DataFrame(data)
 
     def _segment_at(self, dim: int) -> Segment:
@@ -345,7 +345,7 @@ class TabularEncoder:
         return cls(Schema.from_dict(d["schema"]), d["categorical"], d["interval"])
 
 
-def _levels_to_array(column: CategoricalColumn | OrdinalColumn, codes: np.ndarray) -> Any:
+def levels_to_array(column: CategoricalColumn | OrdinalColumn, codes: np.ndarray) -> Any:
     """Level indices (the last one is "missing" for nullable columns) -> column values."""
     k = len(column.categories)
     missing = codes >= k

@@ -12,7 +12,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 import pandas as pd
+
+from dpnf_jax.fileio import atomic_write
 
 PROVENANCES = ("public", "nonprivate-inference", "dp")
 
@@ -392,15 +393,7 @@ class Schema:
         """
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            path = Path(path)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, text)
         return text
 
     @classmethod

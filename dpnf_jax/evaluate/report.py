@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from dpnf_jax.evaluate.metrics import (
 )
 from dpnf_jax.evaluate.plots import plot_correlations, plot_marginals
 from dpnf_jax.evaluate.utility import MODELS, tstr
+from dpnf_jax.fileio import atomic_write
 
 _WORST_SHOWN = 5
 
@@ -134,20 +134,6 @@ def evaluate_synthetic(
         "heldout_log_likelihood": heldout_log_likelihood,
         "timings_s": timings,
     }
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to a temporary file next to `path`, then moves it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates the file owner-only; a report is meant to be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png(figure: Figure) -> bytes:
@@ -263,6 +249,6 @@ def write_report(
     }
     paths = []
     for name, data in files.items():
-        _write_atomic(out / name, data)
+        atomic_write(out / name, data)
         paths.append(out / name)
     return paths

@@ -24,11 +24,13 @@ from dpnf_jax.privacy.clipping import (
 from dpnf_jax.privacy.sampling import PoissonBatchSampler, poisson_sample, steps_for_epochs
 
 
-def dp_fit(*args, **kwargs):
-    """DP-SGD training; see :func:`dpnf_jax.train.dp_fit` (imported lazily: train imports privacy)."""
-    from dpnf_jax.train import dp_fit as _dp_fit
+def __getattr__(name: str):
+    # train.py imports this package, so dp_fit is resolved on first use.
+    if name == "dp_fit":
+        from dpnf_jax.train import dp_fit
 
-    return _dp_fit(*args, **kwargs)
+        return dp_fit
+    raise AttributeError(f"module 'dpnf_jax.privacy' has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,0 +1,378 @@
+"""The ``dpnf`` command line: train, sample, evaluate, privacy.
+
+Every command validates its input before doing work, writes its outputs atomically
+(into a staging directory or temporary file that is renamed into place at the end), and
+exits with status 2 and a one-line message naming what is wrong on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from dpnf_jax.data.schema import CategoricalColumn, OrdinalColumn, Schema
+from dpnf_jax.fileio import atomic_write, publish_dir
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def read_csv(path: str, schema: Schema, what: str) -> pd.DataFrame:
+    """Read a CSV whose columns the schema describes (category columns read as text)."""
+    if not Path(path).is_file():
+        raise CLIError(f"{what} file not found: {path}")
+    dtypes = {
+        c.name: "string"
+        for c in schema
+        if isinstance(c, CategoricalColumn) or (isinstance(c, OrdinalColumn) and isinstance(c.categories[0], str))
+    }
+    try:
+        df = pd.read_csv(path, dtype=dtypes, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CLIError(f"{what} file {path}: cannot parse CSV ({err})") from err
+    missing = [n for n in schema.names if n not in df.columns]
+    extra = [n for n in df.columns if n not in schema.names]
+    if missing:
+        raise CLIError(f"{what} file {path}: column(s) {missing} of the schema are missing")
+    if extra:
+        raise CLIError(f"{what} file {path}: column(s) {extra} are not in the schema")
+    return df[list(schema.names)]
+
+
+def load_schema(path: str) -> Schema:
+    if not Path(path).is_file():
+        raise CLIError(f"schema file not found: {path}")
+    return Schema.from_json(Path(path).read_text())
+
+
+def check_writable_dir(path: Path) -> None:
+    """Fail early (before any training) if ``path`` cannot be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dpnf-write-test-"):
+            pass
+    except OSError as err:
+        raise CLIError(f"output directory {path} is not writable ({err.strerror or err})") from err
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A staging directory beside ``out``; on success its entries replace those in ``out``."""
+    created = not out.exists()
+    check_writable_dir(out)
+    stage = Path(tempfile.mkdtemp(prefix=".dpnf-staging-", dir=out))
+    try:
+        try:
+            yield stage
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+            raise
+        for entry in sorted(stage.iterdir()):
+            if entry.is_dir():
+                publish_dir(entry, out / entry.name)
+            else:
+                os.replace(entry, out / entry.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, df.to_csv(index=False))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def make_clipper(name: str, l2_clip: float, keep_fraction: float):
+    from dpnf_jax.privacy import FlatClipping, PerUnitClipping, StochasticSparsification
+
+    clippers = {
+        "flat": lambda: FlatClipping(l2_clip),
+        "layer": lambda: PerUnitClipping(l2_clip, "layer", "equal"),
+        "neuron": lambda: PerUnitClipping(l2_clip, "neuron", "equal"),
+        "layer-proportional": lambda: PerUnitClipping(l2_clip, "layer", "proportional"),
+        "sparse": lambda: StochasticSparsification(FlatClipping(l2_clip), keep_fraction),
+    }
+    return clippers[name]()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dpnf_jax.data.datasets import adult_schema, load_adult
+    from dpnf_jax.synthesizer import DPFlowSynthesizer
+
+    if (args.dataset is None) == (args.data is None):
+        raise CLIError("give exactly one of --dataset adult or --data FILE.csv (with --schema)")
+    test = None
+    if args.dataset == "adult":
+        schema = adult_schema() if args.schema is None else load_schema(args.schema)
+        train, test = load_adult()
+        target = args.target or "income"
+    else:
+        if args.schema is None:
+            raise CLIError("--data needs --schema s.json (a public schema; see `dpnf_jax.Schema`)")
+        schema = load_schema(args.schema)
+        train = read_csv(args.data, schema, "training data")
+        if args.test is not None:
+            test = read_csv(args.test, schema, "test data")
+        target = args.target
+    if target is not None and target not in schema.names:
+        raise CLIError(f"--target {target!r} is not a column of the schema")
+    schema.validate_frame(train)
+    epsilon = None if args.nonprivate else args.epsilon
+    encoding = args.categorical or args.encoding
+    synth = DPFlowSynthesizer(
+        schema,
+        epsilon,
+        args.delta,
+        encoding=encoding,
+        marginal_share=args.marginal_share,
+        num_blocks=args.blocks,
+        hidden=tuple(args.hidden),
+        clipper=make_clipper(args.clipping, args.clip_norm, args.keep_fraction),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        grad_method=args.grad_method,
+        accountant=args.accountant,
+        seed=args.seed,
+        verbose=not args.quiet,
+    )
+    out = Path(args.out)
+    rows = args.rows or len(train)
+    started = time.perf_counter()
+    with staging(out) as stage:
+        synth.fit(train)
+        fit_seconds = time.perf_counter() - started
+        synth.save(stage / "model")
+        synthetic = synth.sample(rows, seed=args.seed)
+        write_csv_atomic(synthetic, stage / "synthetic.csv")
+        report = synth.privacy_report()
+        report["fit_seconds"] = round(fit_seconds, 2)
+        (stage / "privacy.json").write_text(json.dumps(report, indent=2))
+        schema.to_json(stage / "schema.json")
+        if not args.no_eval:
+            _evaluate_into(stage / "report", train, synthetic, schema, test, target, synth, args.seed)
+    _say(args, f"wrote {out}/ (model/, synthetic.csv with {rows} rows, privacy.json"
+         + ("" if args.no_eval else ", report/") + f") in {time.perf_counter() - started:.1f} s")
+    if report["private"]:
+        _say(args, f"privacy: epsilon={report['epsilon']:.4f}, delta={report['delta']:.3g} ({report['delta_source']})")
+    return 0
+
+
+def _evaluate_into(path, train, synthetic, schema, test, target, synth, seed) -> None:
+    from dpnf_jax.evaluate import evaluate_synthetic, write_report
+
+    heldout = None
+    if test is not None and synth is not None:
+        heldout = float(synth.log_prob(test).mean())
+    metrics = evaluate_synthetic(
+        train, synthetic, schema, real_test=test, target=target if test is not None else None,
+        heldout_log_likelihood=heldout, seed=seed,
+    )
+    write_report(metrics, train, synthetic, schema, path)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from dpnf_jax.synthesizer import DPFlowSynthesizer
+
+    synth = DPFlowSynthesizer.load(args.model, verbose=False)
+    out = Path(args.out)
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    write_csv_atomic(synth.sample(args.rows, seed=args.seed), out)
+    _say(args, f"wrote {args.rows} rows to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    real = read_csv(args.real, schema, "real data")
+    synthetic = read_csv(args.synthetic, schema, "synthetic data")
+    test = None if args.test is None else read_csv(args.test, schema, "test data")
+    if args.target is not None and args.target not in schema.names:
+        raise CLIError(f"--target {args.target!r} is not a column of the schema")
+    if args.target is not None and test is None:
+        raise CLIError("--target needs --test (train on synthetic, test on real)")
+    for what, frame in (("real", real), ("synthetic", synthetic), ("test", test)):
+        if frame is not None:
+            try:
+                schema.validate_frame(frame)
+            except ValueError as err:
+                raise CLIError(f"{what} data: {err}") from err
+    out = Path(args.out)
+    with staging(out) as stage:
+        _evaluate_into(stage, real, synthetic, schema, test, args.target, None, args.seed)
+    _say(args, f"wrote {out}/ (metrics.json, report.md, marginals.png, correlations.png)")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from dpnf_jax.privacy import accounting, sampling
+
+    if args.batch_size > args.rows:
+        raise CLIError(f"--batch-size {args.batch_size} exceeds --rows {args.rows}")
+    if args.delta >= 1.0 / args.rows:
+        print(f"warning: delta={args.delta:g} is not below 1/N = {1 / args.rows:.3g}", file=sys.stderr)
+    q, steps = sampling.steps_for_epochs(args.rows, args.batch_size, args.epochs)
+    sigma = accounting.calibrate_noise_multiplier(args.epsilon, args.delta, q, steps, args.accountant)
+    curve = accounting.epsilon_curve(q, sigma, steps, args.delta, num_points=args.points, accountant=args.accountant)
+    result = {
+        "noise_multiplier": sigma,
+        "sampling_rate": q,
+        "steps": steps,
+        "delta": args.delta,
+        "accountant": args.accountant,
+        "epsilon_curve": [{"step": t, "epoch": round(t * q, 3), "epsilon": e} for t, e in curve],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"noise multiplier sigma = {sigma:.4f}  (q = {q:.6f}, T = {steps} steps, delta = {args.delta:g}, {args.accountant})")
+    print("| step | epoch | epsilon |\n|---:|---:|---:|")
+    for point in result["epsilon_curve"]:
+        print(f"| {point['step']} | {point['epoch']:.2f} | {point['epsilon']:.4f} |")
+    return 0
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpnf", description="Differentially private synthetic tables with normalizing flows.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a DP flow and write model, synthetic rows, privacy and evaluation reports",
+                           description="Train a DP flow on a table and write model/, synthetic.csv, privacy.json and report/.")
+    source = train.add_argument_group("data")
+    source.add_argument("--dataset", choices=["adult"], help="a bundled dataset (its public schema is built in)")
+    source.add_argument("--data", help="training CSV (needs --schema)")
+    source.add_argument("--schema", help="public schema JSON (see dpnf_jax.Schema.to_json)")
+    source.add_argument("--test", help="optional held-out CSV for utility metrics")
+    source.add_argument("--target", help="column for train-on-synthetic/test-on-real (adult: income)")
+    priv = train.add_argument_group("privacy")
+    priv.add_argument("--epsilon", type=positive_float, default=1.0, help="total privacy budget (default 1)")
+    priv.add_argument("--delta", type=probability, help="default min(1e-5, 0.1/N)")
+    priv.add_argument("--nonprivate", action="store_true", help="train WITHOUT privacy (reference runs only)")
+    priv.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+    priv.add_argument("--clipping", choices=["flat", "layer", "neuron", "layer-proportional", "sparse"], default="flat")
+    priv.add_argument("--clip-norm", type=positive_float, default=1.0, help="L2 clip bound C (the sensitivity)")
+    priv.add_argument("--keep-fraction", type=probability, default=0.5, help="kept units for --clipping sparse")
+    model = train.add_argument_group("model and training")
+    model.add_argument("--encoding", choices=["marginal", "onehot", "ordinal"], default="marginal",
+                       help="marginal: DP 1-way histograms -> Gaussian copula (default); onehot/ordinal: schema only")
+    model.add_argument("--categorical", choices=["onehot", "ordinal"],
+                       help="shorthand for --encoding onehot|ordinal (no DP histograms)")
+    model.add_argument("--marginal-share", type=probability, default=0.2, help="share of epsilon for the histograms")
+    model.add_argument("--blocks", type=positive_int, default=4)
+    model.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256])
+    model.add_argument("--epochs", type=positive_float, default=20.0)
+    model.add_argument("--batch-size", type=positive_int, default=512)
+    model.add_argument("--learning-rate", type=positive_float, default=2e-3)
+    model.add_argument("--grad-method", choices=["fast", "fast_reweight", "vmap"], default="fast")
+    model.add_argument("--seed", type=int, default=0)
+    output = train.add_argument_group("output")
+    output.add_argument("--out", required=True, help="output directory")
+    output.add_argument("--rows", type=positive_int, help="synthetic rows (default: as many as the training data)")
+    output.add_argument("--no-eval", action="store_true", help="skip the evaluation report")
+    output.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="sample rows from a saved model", description="Sample rows from a saved model.")
+    sample.add_argument("--model", required=True, help="model directory written by `dpnf train`")
+    sample.add_argument("--rows", type=positive_int, required=True)
+    sample.add_argument("--out", required=True, help="output CSV")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--quiet", action="store_true")
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = sub.add_parser("evaluate", help="compare a synthetic CSV with real data",
+                              description="Fidelity, utility and diagnostics of a synthetic CSV against real data.")
+    evaluate.add_argument("--real", required=True, help="real training CSV")
+    evaluate.add_argument("--synthetic", required=True, help="synthetic CSV")
+    evaluate.add_argument("--schema", required=True, help="public schema JSON")
+    evaluate.add_argument("--test", help="real held-out CSV (needed for --target)")
+    evaluate.add_argument("--target", help="column for train-on-synthetic/test-on-real")
+    evaluate.add_argument("--out", required=True, help="report directory")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    privacy = sub.add_parser("privacy", help="calibrate the noise for a budget and print the epsilon curve (no data)",
+                             description="Calibrated noise multiplier and epsilon curve for DP-SGD settings; touches no data.")
+    privacy.add_argument("--epsilon", type=positive_float, required=True)
+    privacy.add_argument("--delta", type=probability, required=True)
+    privacy.add_argument("--rows", type=positive_int, required=True)
+    privacy.add_argument("--batch-size", type=positive_int, required=True)
+    privacy.add_argument("--epochs", type=positive_float, required=True)
+    privacy.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+    privacy.add_argument("--points", type=positive_int, default=10, help="points on the epsilon curve")
+    privacy.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    privacy.set_defaults(func=cmd_privacy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"dpnf {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
