@@ -203,7 +203,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _say(args, f"wrote {out}/ (model/, synthetic.csv with {rows} rows, privacy.json"
          + ("" if args.no_eval else ", report/") + f") in {time.perf_counter() - started:.1f} s")
     if report["private"]:
-        _say(args, f"privacy: epsilon={report['epsilon']:.4f}, delta={report['delta']:.3g} ({report['delta_source']})")
+        _say(args, f"privacy: epsilon={report['epsilon']:.4f}, delta={report['delta']:.3g} ({report['delta_source']}) "
+             "covers model/, synthetic.csv and privacy.json")
+    if not args.no_eval:
+        _say(args, "note: report/ compares with the real rows and is NOT private; keep it with the data owner")
     return 0
 
 

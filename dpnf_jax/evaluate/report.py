@@ -120,6 +120,7 @@ def evaluate_synthetic(
         heldout_log_likelihood = float(heldout_log_likelihood)
     summary["heldout_log_likelihood"] = heldout_log_likelihood
     return {
+        "privacy_note": NOT_PRIVATE_NOTE,
         "summary": summary,
         "n_bins": int(n_bins),
         "n_real_train": len(real_train),
@@ -150,10 +151,19 @@ def _worst(values: Mapping[str, float]) -> list[tuple[str, float]]:
     return sorted(values.items(), key=lambda item: -item[1])[:_WORST_SHOWN]
 
 
+NOT_PRIVATE_NOTE = (
+    "This report compares the synthetic rows with the real rows, so its numbers and plots "
+    "(marginals, correlations, distances to closest records) are statistics of the private data "
+    "that no privacy budget covers. Share the model and the synthetic rows, not this report."
+)
+
+
 def _markdown(metrics: Mapping[str, Any], title: str) -> str:
     summary = metrics["summary"]
     lines = [
         f"# {title}",
+        "",
+        f"> **Not private.** {NOT_PRIVATE_NOTE}",
         "",
         f"Real training rows: {metrics['n_real_train']}, synthetic rows: {metrics['n_synthetic']}, "
         f"real test rows: {_fmt(metrics['n_real_test'])}; continuous columns in {metrics['n_bins']} bins.",
