@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -292,6 +293,13 @@ def _say(args: argparse.Namespace, message: str) -> None:
 # ----------------------------------------------------------------------------- parser
 
 
+def _default(name: str):
+    """The synthesizer's own default, so the CLI and the API never drift apart."""
+    from dpnf_jax.synthesizer import DPFlowSynthesizer
+
+    return inspect.signature(DPFlowSynthesizer.__init__).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpnf", description="Differentially private synthetic tables with normalizing flows.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,12 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="marginal: DP 1-way histograms -> Gaussian copula (default); onehot/ordinal: schema only")
     model.add_argument("--categorical", choices=["onehot", "ordinal"],
                        help="shorthand for --encoding onehot|ordinal (no DP histograms)")
-    model.add_argument("--marginal-share", type=probability, default=0.2, help="share of epsilon for the histograms")
-    model.add_argument("--blocks", type=positive_int, default=4)
-    model.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256])
-    model.add_argument("--epochs", type=positive_float, default=20.0)
-    model.add_argument("--batch-size", type=positive_int, default=512)
-    model.add_argument("--learning-rate", type=positive_float, default=2e-3)
+    model.add_argument("--marginal-share", type=probability, default=_default("marginal_share"),
+                       help="share of epsilon for the histograms")
+    model.add_argument("--blocks", type=positive_int, default=_default("num_blocks"))
+    model.add_argument("--hidden", type=positive_int, nargs="+", default=list(_default("hidden")))
+    model.add_argument("--epochs", type=positive_float, default=_default("epochs"))
+    model.add_argument("--batch-size", type=positive_int, default=_default("batch_size"))
+    model.add_argument("--learning-rate", type=positive_float, default=_default("learning_rate"))
     model.add_argument("--grad-method", choices=["fast", "fast_reweight", "vmap"], default="fast")
     model.add_argument("--seed", type=int, default=0)
     output = train.add_argument_group("output")

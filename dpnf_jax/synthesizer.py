@@ -62,8 +62,8 @@ class TrainingOptions:
     """Training settings (public choices; see the README for how defaults were chosen)."""
 
     epochs: float = 20.0
-    batch_size: int = 512
-    learning_rate: float = 2e-3
+    batch_size: int = 1024
+    learning_rate: float = 3e-3
     grad_method: str = "fast"
     accountant: str = "pld"
 
@@ -96,19 +96,19 @@ class DPFlowSynthesizer:
         delta: float | None = None,
         *,
         encoding: str = "marginal",
-        marginal_share: float = 0.2,
+        marginal_share: float = 0.5,
         marginal_bins: int = 20,
         calibrate_marginals: bool = True,
         num_blocks: int = 4,
-        hidden: tuple[int, ...] = (256, 256),
+        hidden: tuple[int, ...] = (128, 128),
         num_bins: int = 8,
         bound: float = 4.0,
         activation: str = "relu",
         shared: bool = True,
         clipper: Clipper | None = None,
         epochs: float = 20.0,
-        batch_size: int = 512,
-        learning_rate: float = 2e-3,
+        batch_size: int = 1024,
+        learning_rate: float = 3e-3,
         grad_method: str = "fast",
         accountant: str = "pld",
         seed: int = 0,
