@@ -22,7 +22,6 @@ from flax import nnx
 
 from dpnf_jax.flows import spline
 
-
 # --------------------------------------------------------------------------------------
 # LU linear layer: z = P L U x, L unit lower-triangular, U upper with diagonal exp(s).
 # --------------------------------------------------------------------------------------

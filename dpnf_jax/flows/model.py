@@ -127,10 +127,14 @@ def init_params(config: FlowConfig, key: jax.Array, dtype=jnp.float32) -> Params
             layer = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)
         conditioner[layer_name(i)] = layer
     if config.shared:
-        # Same scale as the kernel rows a one-hot stage input would select.
+        # Same scale as the kernel rows a one-hot stage input would select. With no hidden
+        # layer the embedding feeds the spline parameters directly, so it belongs to the
+        # zero-initialised last layer (otherwise the flow does not start at the identity).
         fan_in = widths[0] + K
         conditioner[layer_name(0)]["stage_embedding"] = (
-            jax.random.normal(keys[-1], (K, widths[1]), dtype) / math.sqrt(fan_in)
+            jnp.zeros((K, widths[1]), dtype)
+            if config.num_layers == 1
+            else jax.random.normal(keys[-1], (K, widths[1]), dtype) / math.sqrt(fan_in)
         )
     lu = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (K, *leaf.shape)), layers.lu_init(config.dim, dtype))
     return {"lu": lu, "conditioner": conditioner}
@@ -269,6 +273,26 @@ def num_params(config: FlowConfig, params: Params | None = None) -> dict[str, in
     return {"conditioner": conditioner, "lu": lu, "total": conditioner + lu}
 
 
+# Jitted batch versions for the module's methods (the config is static and hashable): an
+# eager vmap over a function with lax.scan would retrace and recompile on every call.
+@functools.partial(jax.jit, static_argnums=0)
+def _batched_forward(config: FlowConfig, params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jax.vmap(lambda xi: forward(config, params, xi))(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batched_inverse(config: FlowConfig, params: Params, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jax.vmap(lambda zi: inverse(config, params, zi))(z)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batched_log_prob(config: FlowConfig, params: Params, x: jax.Array) -> jax.Array:
+    return jax.vmap(lambda xi: log_prob(config, params, xi))(x)
+
+
+_jitted_sample = jax.jit(sample, static_argnums=(0, 3))
+
+
 def _to_nnx(tree):
     if isinstance(tree, dict):
         return nnx.Dict({k: _to_nnx(v) for k, v in tree.items()})
@@ -314,12 +338,12 @@ class ConditionalSplineFlow(nnx.Module):
 
     def params(self) -> Params:
         """The parameter pytree (plain arrays)."""
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def set_params(self, params: Params) -> None:
         """Replace all parameters with ``params`` (same structure)."""
         state = nnx.state(self, nnx.Param)
-        state.replace_by_pure_dict(params)
+        nnx.replace_by_pure_dict(state, params)
         nnx.update(self, state)
 
     def pure(self) -> tuple[FlowConfig, Params]:
@@ -331,19 +355,16 @@ class ConditionalSplineFlow(nnx.Module):
 
     def forward(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [batch, d] -> (z [batch, d], log|det dz/dx| [batch])."""
-        params = self.params()
-        return jax.vmap(lambda xi: forward(self.config, params, xi))(x)
+        return _batched_forward(self.config, self.params(), x)
 
     def inverse(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         """z: [batch, d] -> (x [batch, d], log|det dx/dz| [batch])."""
-        params = self.params()
-        return jax.vmap(lambda zi: inverse(self.config, params, zi))(z)
+        return _batched_inverse(self.config, self.params(), z)
 
     def log_prob(self, x: jax.Array) -> jax.Array:
         """x: [batch, d] -> exact log-density [batch]."""
-        params = self.params()
-        return jax.vmap(lambda xi: log_prob(self.config, params, xi))(x)
+        return _batched_log_prob(self.config, self.params(), x)
 
     def sample(self, key: jax.Array, num: int) -> jax.Array:
         """Draw ``num`` samples [num, d]."""
-        return sample(self.config, self.params(), key, num)
+        return _jitted_sample(self.config, self.params(), key, num)

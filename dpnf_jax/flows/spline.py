@@ -54,7 +54,7 @@ def _normalize_derivatives(raw: jax.Array) -> jax.Array:
 def spline_knots(params: jax.Array, bound: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Raw parameters [3K+1] -> (x knots [K+1], y knots [K+1], derivatives [K+1])."""
     num_bins = (params.shape[-1] - 1) // 3
-    if params.shape[-1] != 3 * num_bins + 1:
+    if num_bins < 1 or params.shape[-1] != 3 * num_bins + 1:
         raise ValueError(f"spline parameters must have size 3*num_bins+1, got {params.shape[-1]}")
     x_knots, _ = _normalize_bins(params[..., :num_bins], bound, MIN_BIN_WIDTH)
     y_knots, _ = _normalize_bins(params[..., num_bins : 2 * num_bins], bound, MIN_BIN_HEIGHT)
@@ -67,6 +67,17 @@ def _bin_index(knots: jax.Array, value: jax.Array) -> jax.Array:
     num_bins = knots.shape[-1] - 1
     below = (value >= knots[..., 1:-1]).astype(jnp.int32)
     return jnp.clip(jnp.sum(below, axis=-1), 0, num_bins - 1)
+
+
+def _clamp_unit(xi: jax.Array) -> jax.Array:
+    """Clamp to [0, 1] in value only; the gradient is that of the unclamped ``xi``.
+
+    ``xi`` leaves [0, 1] only by rounding, at a knot (the bin search and the knots of a
+    fused XLA program may disagree in the last bit). ``jnp.clip`` would then zero the
+    gradient (and halve it at exact ties), so d/dx and d/dparams would be wrong at the
+    knots; as the spline is C1 there, the neighbouring bin's gradient is the right one.
+    """
+    return xi + jax.lax.stop_gradient(jnp.clip(xi, 0.0, 1.0) - xi)
 
 
 def _gather_bin(x_knots, y_knots, derivatives, k):
@@ -93,7 +104,7 @@ def spline_forward(x: jax.Array, params: jax.Array, bound: float) -> tuple[jax.A
     k = _bin_index(x_knots, x_safe)
     x_k, w, y_k, h, d_k, d_k1 = _gather_bin(x_knots, y_knots, derivatives, k)
     slope = h / w
-    xi = jnp.clip((x_safe - x_k) / w, 0.0, 1.0)
+    xi = _clamp_unit((x_safe - x_k) / w)
     xi_1m = xi * (1.0 - xi)
     denominator = slope + (d_k1 + d_k - 2.0 * slope) * xi_1m
     y = y_k + h * (slope * xi**2 + d_k * xi_1m) / denominator
@@ -126,7 +137,7 @@ def spline_inverse(y: jax.Array, params: jax.Array, bound: float) -> tuple[jax.A
     c = -slope * dy
     discriminant = jnp.maximum(b**2 - 4.0 * a * c, 0.0)
     # The root written as 2c / (-b - sqrt(.)) avoids the cancellation of the textbook form.
-    xi = jnp.clip(2.0 * c / (-b - jnp.sqrt(discriminant)), 0.0, 1.0)
+    xi = _clamp_unit(2.0 * c / (-b - jnp.sqrt(discriminant)))
     x = x_k + xi * w
     xi_1m = xi * (1.0 - xi)
     denominator = slope + d_sum * xi_1m
