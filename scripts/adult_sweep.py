@@ -60,7 +60,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=None)
     parser.add_argument("--blocks", type=int, default=None)
     parser.add_argument("--num-bins", type=int, default=None)
+    parser.add_argument("--from-json", help="re-render the table and plot from an earlier results.json")
     args = parser.parse_args()
+    if args.from_json:
+        runs = json.loads(Path(args.from_json).read_text())["runs"]
+        atomic_write(Path(args.out) / "results.md", summarize(runs))
+        plot(runs, Path(args.out) / "utility_vs_epsilon.png")
+        print(summarize(runs))
+        return
     warnings.filterwarnings("ignore", category=UserWarning)
 
     out = Path(args.out)
@@ -149,6 +156,9 @@ def plot(runs, path: Path) -> None:
                 ax.axhline(np.mean([r[metric] for r in reference[0]]), linestyle="--", color="gray",
                            label=f"{method} (non-private)")
         ax.set_xscale("log")
+        ticks = sorted({r["epsilon"] for r in runs if r["epsilon"] is not None})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("epsilon")
         ax.set_title(label)
     axes[0].legend(fontsize=7)
