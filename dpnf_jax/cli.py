@@ -1,4 +1,4 @@
-"""The ``dpnf`` command line: train, sample, evaluate, privacy.
+"""The ``dpnf`` command line: schema, train, sample, evaluate, privacy.
 
 Every command validates its input before doing work, writes its outputs atomically
 (into a staging directory or temporary file that is renamed into place at the end), and
@@ -142,6 +142,95 @@ def make_clipper(name: str, l2_clip: float, keep_fraction: float):
     return clippers[name]()
 
 
+def load_schema_events(schema_path: str, schema: Schema, args: argparse.Namespace) -> list:
+    """The DP events of ``dpnf schema`` from ``<schema>.events.json``, if that file exists."""
+    from dpnf_jax.data.schema_dp import events_from_dicts
+
+    path = Path(str(schema_path) + ".events.json")
+    if not path.is_file():
+        if schema.provenance == "dp":
+            print(f"warning: schema {schema_path} has provenance 'dp' but {path} is missing: the cost "
+                  "of discovering it is NOT included in epsilon", file=sys.stderr)
+        return []
+    try:
+        events = events_from_dicts(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"schema events file {path}: not valid JSON ({err})") from err
+    _say(args, f"note: {path}: composing {len(events)} schema-discovery event(s) "
+         f"({', '.join(label for label, _ in events)}) into the same privacy budget")
+    return events
+
+
+def _column_list(values: list[str] | None) -> list[str]:
+    return [name.strip() for value in values or () for name in value.split(",") if name.strip()]
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from dpnf_jax.data.schema_dp import events_file_dict, infer_dp_schema
+    from dpnf_jax.privacy.accounting import epsilon_of_events
+    from dpnf_jax.synthesizer import default_delta
+
+    if not Path(args.data).is_file():
+        raise CLIError(f"data file not found: {args.data}")
+    bounds = {}
+    if args.bounds is not None:
+        if not Path(args.bounds).is_file():
+            raise CLIError(f"bounds file not found: {args.bounds}")
+        try:
+            bounds = json.loads(Path(args.bounds).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CLIError(f"bounds file {args.bounds}: not valid JSON ({err})") from err
+        if not isinstance(bounds, dict):
+            raise CLIError(f"bounds file {args.bounds}: expected an object {{column: [lo, hi]}}")
+    categorical, continuous = _column_list(args.categorical), _column_list(args.continuous)
+    integer = _column_list(args.integer)
+    out = Path(args.out)
+    events_path = Path(str(out) + ".events.json")
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    try:
+        header = list(pd.read_csv(args.data, nrows=0, skipinitialspace=True).columns)
+        declared = set(categorical) | set(continuous) | set(integer) | set(bounds)
+        unknown = sorted(declared - set(header))
+        if unknown:
+            raise CLIError(f"column(s) {unknown} given on the command line are not in {args.data}")
+        df = pd.read_csv(args.data, dtype={c: "string" for c in categorical}, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CLIError(f"data file {args.data}: cannot parse CSV ({err})") from err
+    undeclared = [c for c in df.columns if c not in declared]
+    if undeclared and args.strict_types:
+        raise CLIError(f"--strict-types: declare the kind of column(s) {undeclared} "
+                       "(--categorical / --continuous / --integer / --bounds)")
+    if undeclared:
+        print(f"warning: the kinds of column(s) {undeclared} come from pandas' reading of the CSV text "
+              "(numbers vs text, integers vs decimals), which is NOT differentially private; declare "
+              "them with --categorical / --continuous / --integer to avoid this", file=sys.stderr)
+    delta = args.delta if args.delta is not None else default_delta(len(df)) / 10
+    details = {}
+    schema, events = infer_dp_schema(
+        df, args.epsilon, delta,
+        coarse_bounds=bounds, default_range=tuple(args.default_range), quantiles=tuple(args.quantiles),
+        grid=args.grid, n_bins=args.bins, categorical_columns=categorical,
+        continuous_columns=[c for c in {*continuous, *bounds} if c not in categorical],
+        integer_columns=integer, max_categories=args.max_categories,
+        other_label=None if args.no_other else "__other__", selection_delta=args.selection_delta,
+        nullable=args.nullable, rng=args.seed, details=details,
+    )
+    # Events first: a schema file never exists without the record of what it cost.
+    atomic_write(events_path, json.dumps(events_file_dict(events, args.epsilon, delta), indent=2))
+    schema.to_json(out)
+    spent = epsilon_of_events([e for _, e in events], delta) if events else 0.0
+    kinds = [c.kind for c in schema]
+    _say(args, f"wrote {out} ({len(schema)} columns: {kinds.count('continuous')} continuous, "
+         f"{kinds.count('categorical')} categorical; provenance 'dp') and {events_path}")
+    _say(args, f"schema discovery spent epsilon={spent:.4g} at delta={delta:.3g}; `dpnf train --schema {out}` "
+         "composes these events with training (train on the same rows, with --delta >= this delta)")
+    if details.get("selection_threshold") is not None:
+        _say(args, f"a category needs about {details['selection_threshold']:.0f} rows to be released "
+             f"(noise std per count {details['count_noise_std']:.1f})"
+             + ("" if args.no_other else "; the others map to '__other__'"))
+    return 0
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -152,6 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if (args.dataset is None) == (args.data is None):
         raise CLIError("give exactly one of --dataset adult or --data FILE.csv (with --schema)")
     test = None
+    schema_events = []
     if args.dataset == "adult":
         schema = adult_schema() if args.schema is None else load_schema(args.schema)
         train, test = load_adult()
@@ -166,6 +256,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         target = args.target
     if target is not None and target not in schema.names:
         raise CLIError(f"--target {target!r} is not a column of the schema")
+    if args.schema is not None:
+        schema_events = load_schema_events(args.schema, schema, args)
     schema.validate_frame(train)
     epsilon = None if args.nonprivate else args.epsilon
     encoding = args.categorical or args.encoding
@@ -185,6 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         accountant=args.accountant,
         seed=args.seed,
         verbose=not args.quiet,
+        schema_events=schema_events,
     )
     out = Path(args.out)
     rows = args.rows or len(train)
@@ -305,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a DP flow and write model, synthetic rows, privacy and evaluation reports",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            description="Train a DP flow on a table and write model/, synthetic.csv, privacy.json and report/.")
     source = train.add_argument_group("data")
     source.add_argument("--dataset", choices=["adult"], help="a bundled dataset (its public schema is built in)")
@@ -340,6 +434,36 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--no-eval", action="store_true", help="skip the evaluation report")
     output.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(func=cmd_train)
+
+    schema = sub.add_parser("schema", help="discover a schema from a CSV under differential privacy",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            description="DP bounds (noisy histograms on a public grid) and DP category lists "
+                                        "(Gaussian partition selection); writes the schema JSON and "
+                                        "<out>.events.json, which `dpnf train --schema <out>` composes with training.")
+    schema.add_argument("--data", required=True, help="the private CSV")
+    schema.add_argument("--epsilon", type=positive_float, required=True, help="budget of schema discovery alone")
+    schema.add_argument("--delta", type=probability, help="default min(1e-6, 0.01/N)")
+    schema.add_argument("--bounds", help="PUBLIC coarse ranges JSON {column: [lo, hi]} (declares them continuous)")
+    schema.add_argument("--default-range", type=float, nargs=2, default=[-1e9, 1e9], metavar=("LO", "HI"),
+                        help="PUBLIC range of continuous columns not in --bounds (values clipped to it)")
+    schema.add_argument("--quantiles", type=float, nargs=2, default=[0.01, 0.99], metavar=("LO", "HI"),
+                        help="the bounds are DP estimates of these quantiles")
+    schema.add_argument("--grid", choices=["auto", "linear", "log"], default="auto",
+                        help="bin grid: auto = linear for --bounds columns, log otherwise")
+    schema.add_argument("--bins", type=positive_int, default=64, help="bins of a linear grid")
+    schema.add_argument("--categorical", action="append", metavar="COLS", help="comma-separated categorical columns")
+    schema.add_argument("--continuous", action="append", metavar="COLS", help="comma-separated continuous columns")
+    schema.add_argument("--integer", action="append", metavar="COLS", help="comma-separated integer columns")
+    schema.add_argument("--strict-types", action="store_true", help="refuse columns whose kind is not declared")
+    schema.add_argument("--max-categories", type=positive_int, default=100)
+    schema.add_argument("--no-other", action="store_true", help="no '__other__' level (rare values then fail validation)")
+    schema.add_argument("--selection-delta", type=probability, help="delta of category selection (default delta/2)")
+    schema.add_argument("--nullable", choices=["dtype", "dp"], default="dtype",
+                        help="dtype: nullable when the column type can hold missing values; dp: also a DP missing count")
+    schema.add_argument("--seed", type=int, help="noise seed, FOR TESTS ONLY (default: fresh OS entropy)")
+    schema.add_argument("--out", required=True, help="schema JSON to write (and <out>.events.json)")
+    schema.add_argument("--quiet", action="store_true")
+    schema.set_defaults(func=cmd_schema)
 
     sample = sub.add_parser("sample", help="sample rows from a saved model", description="Sample rows from a saved model.")
     sample.add_argument("--model", required=True, help="model directory written by `dpnf train`")

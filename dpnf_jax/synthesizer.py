@@ -15,9 +15,11 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,9 +30,11 @@ from scipy import special
 from dpnf_jax.data.encode import TabularEncoder
 from dpnf_jax.data.marginal import DPMarginalEncoder, histogram_noise_multiplier
 from dpnf_jax.data.schema import Schema
+from dpnf_jax.data.schema_dp import events_from_dicts, events_to_dicts
 from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir
 from dpnf_jax.flows import model
 from dpnf_jax.flows.model import FlowConfig
+from dpnf_jax.privacy.accounting import event_to_dict
 from dpnf_jax.privacy.clipping import Clipper, FlatClipping, clipper_from_dict
 from dpnf_jax.train import DPReport, dp_fit, fit_nonprivate
 
@@ -87,6 +91,9 @@ class DPFlowSynthesizer:
       epochs, batch_size, learning_rate, grad_method, accountant: training.
       seed: seeds every random choice (histogram noise, init, sampling, noise).
       verbose: progress bar during training.
+      schema_events: ``[(label, dp_accounting.DpEvent)]`` already spent on these rows to
+        build the schema (``Schema.infer_dp``). They are composed first in the same
+        accountant; `epsilon` stays the TOTAL budget (DP-SGD gets what is left).
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class DPFlowSynthesizer:
         accountant: str = "pld",
         seed: int = 0,
         verbose: bool = True,
+        schema_events: Sequence[tuple[str, dp_accounting.DpEvent]] = (),
     ):
         if not isinstance(schema, Schema):
             raise TypeError(f"schema must be a dpnf_jax.Schema, got {type(schema).__name__}")
@@ -124,6 +132,7 @@ class DPFlowSynthesizer:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         if not 0 < marginal_share < 1:
             raise ValueError(f"marginal_share must be in (0, 1), got {marginal_share!r}")
+        self.schema_events = _check_schema_events(schema_events)
         self.schema = schema
         self.epsilon = None if epsilon is None else float(epsilon)
         self.delta = None if delta is None else float(delta)
@@ -157,7 +166,7 @@ class DPFlowSynthesizer:
         if self.epsilon is not None and delta >= 1.0 / n:
             warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: the guarantee is weak", stacklevel=2)
         rng = np.random.default_rng(self.seed)
-        prior_events = []
+        prior_events = list(self.schema_events)
         if self.encoding == "marginal":
             encoder = DPMarginalEncoder(self.schema, self.marginal_bins)
             if self.epsilon is None:
@@ -222,7 +231,10 @@ class DPFlowSynthesizer:
     def privacy_report(self) -> dict[str, Any]:
         """What is guaranteed, at which (epsilon, delta), and every DP event spent."""
         self._require_fit()
-        covers_schema = self.schema.covers_schema_privacy
+        # A "dp" schema is covered only when its events were composed into epsilon.
+        covers_schema = self.schema.covers_schema_privacy and (
+            self.schema.provenance != "dp" or bool(self.schema_events)
+        )
         report: dict[str, Any] = {
             "private": self.report is not None,
             "epsilon": None if self.report is None else self.report.epsilon,
@@ -231,13 +243,19 @@ class DPFlowSynthesizer:
             "num_rows": self.num_rows,
             "schema_provenance": self.schema.provenance,
             "guarantee_covers_schema": covers_schema,
+            "schema_events": events_to_dicts(self.schema_events),
             "encoding": self.encoding,
             "training": None if self.report is None else self.report.to_dict(),
         }
         notes = []
         if self.report is None:
             notes.append("Trained WITHOUT differential privacy: no guarantee at all.")
-        if not covers_schema:
+        if self.schema.provenance == "dp" and not self.schema_events:
+            notes.append(
+                "The schema has provenance 'dp' but no schema_events were given: the privacy "
+                "cost of discovering it is NOT included in epsilon."
+            )
+        elif not covers_schema:
             notes.append(
                 "The schema was inferred from the private rows without privacy "
                 "(Schema.infer_nonprivate): the guarantee does NOT cover the schema's bounds and categories."
@@ -273,6 +291,7 @@ class DPFlowSynthesizer:
                 "training": dataclasses.asdict(self.training),
                 "seed": self.seed,
                 "num_rows": self.num_rows,
+                "schema_events": events_to_dicts(self.schema_events),
             },
             "report": None if self.report is None else self.report.to_dict(),
         }
@@ -323,6 +342,7 @@ class DPFlowSynthesizer:
                 clipper=clipper_from_dict(settings["clipper"]),
                 seed=settings["seed"],
                 verbose=verbose,
+                schema_events=events_from_dicts(settings.get("schema_events", [])),
                 **{k: v for k, v in config.to_dict().items() if k not in ("dim", "perm_seed")},
                 **settings["training"],
             )
@@ -346,3 +366,17 @@ class DPFlowSynthesizer:
         synth.num_rows = settings["num_rows"]
         synth.delta_was_default = settings["delta_was_default"]
         return synth
+
+
+def _check_schema_events(events: Any) -> list[tuple[str, dp_accounting.DpEvent]]:
+    if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
+        raise TypeError(f"schema_events must be a sequence of (label, DpEvent) pairs, got {events!r}")
+    out = []
+    for entry in events:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], dp_accounting.DpEvent)):
+            raise TypeError(f"schema_events entries must be (label: str, DpEvent) pairs, got {entry!r}")
+        event_to_dict(entry[1])  # raises ValueError for an event that cannot be saved
+        out.append((entry[0], entry[1]))
+    return out
+

@@ -2,7 +2,9 @@
 
 A schema is public metadata (names, types, bounds, category lists). It must never be
 read off the private rows; the one helper that does so, `Schema.infer_nonprivate`, says
-so in its name, in a warning and in the schema's `provenance`.
+so in its name, in a warning and in the schema's `provenance`. `Schema.infer_dp` reads
+the rows only through differentially private mechanisms and returns the DP events spent
+(provenance "dp").
 """
 
 from __future__ import annotations
@@ -163,11 +165,14 @@ class CategoricalColumn:
       name: column name.
       categories: the public category list (non-empty, unique str).
       nullable: the column may be missing; missing becomes its own level.
+      other: optional catch-all level (one of `categories`, e.g. "__other__" from DP
+        category discovery): values not in the list map to it instead of raising.
     """
 
     name: str
     categories: tuple[str, ...]
     nullable: bool = False
+    other: str | None = None
 
     kind: ClassVar[str] = "categorical"
 
@@ -176,15 +181,25 @@ class CategoricalColumn:
         object.__setattr__(self, "categories", _check_categories(self.name, self.categories, False))
         _check_flag(self.name, "nullable", self.nullable)
         object.__setattr__(self, "nullable", bool(self.nullable))
+        if self.other is not None:
+            if not isinstance(self.other, str):
+                raise TypeError(f"column {self.name!r}: other must be a str or None, got {self.other!r}")
+            if self.other not in self.categories:
+                raise ValueError(
+                    f"column {self.name!r}: other level {self.other!r} must be one of the categories"
+                )
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns a JSON-ready dict, including `kind`."""
-        return {
+        """Returns a JSON-ready dict, including `kind` (and `other` when set)."""
+        d: dict[str, Any] = {
             "kind": self.kind,
             "name": self.name,
             "categories": list(self.categories),
             "nullable": self.nullable,
         }
+        if self.other is not None:
+            d["other"] = self.other
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +311,10 @@ def _category_codes(column: CategoricalColumn | OrdinalColumn, series: pd.Series
         index = pd.Index(column.categories, dtype=np.int64)
     codes = index.get_indexer(values).astype(np.int64)
     unknown = (codes < 0) & ~missing
-    if unknown.any():
+    other = getattr(column, "other", None)
+    if other is not None:
+        codes[unknown] = column.categories.index(other)
+    elif unknown.any():
         value = _plain(series.iloc[int(np.argmax(unknown))])
         raise ValueError(
             f"column {column.name!r}: unknown category {value!r} "
@@ -455,6 +473,25 @@ class Schema:
                     )
                 columns.append(CategoricalColumn(str(name), tuple(categories), nullable=nullable))
         return cls(tuple(columns), provenance="nonprivate-inference")
+
+    @classmethod
+    def infer_dp(cls, df: pd.DataFrame, epsilon: float, delta: float, **kwargs: Any) -> tuple[Schema, list]:
+        """Discovers a schema from the rows UNDER DIFFERENTIAL PRIVACY.
+
+        Column kinds come from the declared dtypes; bounds are DP quantiles of noisy
+        histograms on a public grid and category lists come from DP partition
+        selection. See :func:`dpnf_jax.data.schema_dp.infer_dp_schema` for the
+        arguments and the exact accounting.
+
+        Returns:
+          ``(schema, events)``: a Schema with ``provenance="dp"`` and the
+          ``[(label, dp_accounting.DpEvent)]`` spent, to pass to
+          ``DPFlowSynthesizer(..., schema_events=events)`` so one accountant covers
+          schema discovery and training.
+        """
+        from dpnf_jax.data.schema_dp import infer_dp_schema
+
+        return infer_dp_schema(df, epsilon, delta, **kwargs)
 
     def _check_structure(self, df: pd.DataFrame) -> None:
         if not isinstance(df, pd.DataFrame):

@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attr
 import dp_accounting
 from dp_accounting import pld, rdp
 
@@ -127,11 +128,115 @@ class _AdaptivePldAccountant(dp_accounting.PrivacyAccountant):
         return min(coarse, self._epsilon_on_grid(interval, target_delta))
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class DeltaDpEvent(dp_accounting.DpEvent):
+    """A ``(0, delta)``-DP release (``dp_accounting`` 0.6 has no such event).
+
+    The mechanism's privacy curve (hockey-stick divergence, both directions) is at most
+    ``delta`` for every epsilon >= 0. It is dominated by the pair "with probability
+    ``delta`` the output reveals everything (privacy loss +infinity), otherwise it
+    reveals nothing (loss 0)". Composed with any other events whose privacy curve is
+    ``delta_rest(eps)``, the total curve is exactly
+    ``delta(eps) = delta_T + (1 - delta_T) * delta_rest(eps)`` with
+    ``delta_T = 1 - prod_i (1 - delta_i)``, for both accountants; see
+    `_DeltaAwareAccountant`. Typical use: the selection step of DP partition selection
+    (releasing a category that only one row has happens with probability <= delta).
+    """
+
+    delta: float
+
+
+def _validate_delta_event(event: DeltaDpEvent) -> str | None:
+    if not (isinstance(event.delta, (int, float)) and 0 <= event.delta < 1):
+        return f"DeltaDpEvent.delta must be in [0, 1), got {event.delta!r}"
+    return None
+
+
+def _contains_delta_event(event: dp_accounting.DpEvent) -> bool:
+    if isinstance(event, DeltaDpEvent):
+        return True
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return any(_contains_delta_event(e) for e in event.events)
+    inner = getattr(event, "event", None)
+    return isinstance(inner, dp_accounting.DpEvent) and _contains_delta_event(inner)
+
+
+class _DeltaAwareAccountant(dp_accounting.PrivacyAccountant):
+    """Wraps a PLD or RDP accountant so that `DeltaDpEvent`s compose exactly.
+
+    Every `DeltaDpEvent` (directly, in a `ComposedDpEvent` or a `SelfComposedDpEvent`)
+    is collected into ``delta_T = 1 - prod (1 - delta_i)``; everything else goes to the
+    wrapped accountant. The composed privacy curve is
+    ``delta_T + (1 - delta_T) * delta_rest(eps)`` (product of dominating pairs), so
+
+    * ``get_epsilon(delta) = inner.get_epsilon((delta - delta_T) / (1 - delta_T))``
+      (``inf`` when ``delta <= delta_T``);
+    * ``get_delta(eps) = delta_T + (1 - delta_T) * inner.get_delta(eps)``.
+
+    A `DeltaDpEvent` inside a sampling event is not supported (no amplification is
+    claimed).
+    """
+
+    def __init__(self, inner: dp_accounting.PrivacyAccountant) -> None:
+        super().__init__(inner.neighboring_relation)
+        self._inner = inner
+        self._log_keep = 0.0  # log prod (1 - delta_i)
+
+    @property
+    def selection_delta(self) -> float:
+        """``delta_T`` of the `DeltaDpEvent`s composed so far."""
+        return -math.expm1(self._log_keep)
+
+    def _maybe_compose(
+        self, event: dp_accounting.DpEvent, count: int, do_compose: bool
+    ) -> dp_accounting.PrivacyAccountant.CompositionErrorDetails | None:
+        if isinstance(event, DeltaDpEvent):
+            message = _validate_delta_event(event)
+            if message is not None:
+                return self.CompositionErrorDetails(invalid_event=event, error_message=message)
+            if do_compose:
+                self._log_keep += count * math.log1p(-float(event.delta))
+            return None
+        if isinstance(event, dp_accounting.ComposedDpEvent) and _contains_delta_event(event):
+            for sub in event.events:
+                error = self._maybe_compose(sub, count, do_compose)
+                if error is not None:
+                    return error
+            return None
+        if isinstance(event, dp_accounting.SelfComposedDpEvent) and _contains_delta_event(event):
+            return self._maybe_compose(event.event, count * event.count, do_compose)
+        if _contains_delta_event(event):
+            return self.CompositionErrorDetails(
+                invalid_event=event,
+                error_message="DeltaDpEvent inside a sampling event is not supported.",
+            )
+        if not self._inner.supports(event):
+            return self.CompositionErrorDetails(
+                invalid_event=event, error_message=f"Unsupported by {type(self._inner).__name__}."
+            )
+        if do_compose:
+            self._inner.compose(event, count)
+        return None
+
+    def get_epsilon(self, target_delta: float) -> float:
+        selection = self.selection_delta
+        if selection == 0.0:
+            return self._inner.get_epsilon(target_delta)
+        if target_delta <= selection:
+            return math.inf
+        return self._inner.get_epsilon((target_delta - selection) / (1.0 - selection))
+
+    def get_delta(self, target_epsilon: float) -> float:
+        selection = self.selection_delta
+        rest = self._inner.get_delta(target_epsilon)
+        return selection + (1.0 - selection) * rest
+
+
 def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     _check_accountant(accountant)
     if accountant == "pld":
-        return _AdaptivePldAccountant()
-    return rdp.RdpAccountant(orders=RDP_ORDERS)
+        return _DeltaAwareAccountant(_AdaptivePldAccountant())
+    return _DeltaAwareAccountant(rdp.RdpAccountant(orders=RDP_ORDERS))
 
 
 def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
@@ -323,7 +428,8 @@ def epsilon_curve(
 
 
 def event_to_dict(event: dp_accounting.DpEvent) -> dict[str, Any]:
-    """JSON-able dict of a NoOp, Gaussian, Poisson-sampled, self-composed or composed event.
+    """JSON-able dict of a NoOp, Gaussian, Poisson-sampled, self-composed, composed or
+    `DeltaDpEvent`.
 
     Raises:
         ValueError: For any other event type.
@@ -346,6 +452,8 @@ def event_to_dict(event: dp_accounting.DpEvent) -> dict[str, Any]:
         }
     if isinstance(event, dp_accounting.ComposedDpEvent):
         return {"type": "composed", "events": [event_to_dict(e) for e in event.events]}
+    if isinstance(event, DeltaDpEvent):
+        return {"type": "delta", "delta": float(event.delta)}
     raise ValueError(f"Cannot serialise event of type {type(event).__name__}: {event}.")
 
 
@@ -368,6 +476,8 @@ def event_from_dict(d: dict[str, Any]) -> dp_accounting.DpEvent:
         return dp_accounting.SelfComposedDpEvent(event_from_dict(d["event"]), int(d["count"]))
     if kind == "composed":
         return dp_accounting.ComposedDpEvent([event_from_dict(e) for e in d["events"]])
+    if kind == "delta":
+        return DeltaDpEvent(float(d["delta"]))
     raise ValueError(f"Unknown event type {kind!r} in {d}.")
 
 
