@@ -77,6 +77,9 @@ def staging(out: Path) -> Iterator[Path]:
     """A staging directory beside ``out``; on success its entries replace those in ``out``."""
     created = not out.exists()
     check_writable_dir(out)
+    # Staging left behind by a killed run (one run per output directory at a time).
+    for stale in out.glob(".dpnf-staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=".dpnf-staging-", dir=out))
     try:
         try:
@@ -276,6 +279,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_method=args.grad_method,
         accountant=args.accountant,
         seed=args.seed,
+        noise_seed=args.noise_seed,
         verbose=not args.quiet,
         schema_events=schema_events,
     )
@@ -283,7 +287,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = args.rows or len(train)
     started = time.perf_counter()
     with staging(out) as stage:
-        synth.fit(train)
+        synth.fit(train, checkpoint_dir=out / "checkpoint", checkpoint_every=args.checkpoint_every,
+                  resume=args.resume)
         fit_seconds = time.perf_counter() - started
         synth.save(stage / "model")
         synthetic = synth.sample(rows, seed=args.seed)
@@ -427,7 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch-size", type=positive_int, default=_default("batch_size"))
     model.add_argument("--learning-rate", type=positive_float, default=_default("learning_rate"))
     model.add_argument("--grad-method", choices=["fast", "fast_reweight", "vmap"], default="fast")
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--seed", type=int, default=0, help="public randomness: initialisation, dequantisation, sampling")
+    model.add_argument("--noise-seed", type=int, default=None,
+                       help="fix the PRIVATE noise (experiments only: anyone who knows it can recompute the noise)")
+    model.add_argument("--checkpoint-every", type=int, default=0,
+                       help="write a crash-safe checkpoint to OUT/checkpoint every N steps (operator-side, do not share)")
+    model.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint: same model and same epsilon as an uninterrupted run")
     output = train.add_argument_group("output")
     output.add_argument("--out", required=True, help="output directory")
     output.add_argument("--rows", type=positive_int, help="synthetic rows (default: as many as the training data)")

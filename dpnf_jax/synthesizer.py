@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import secrets
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import optax
 import pandas as pd
 from scipy import special
 
+from dpnf_jax.checkpoint import read_checkpoint_meta
 from dpnf_jax.data.encode import TabularEncoder
 from dpnf_jax.data.marginal import DPMarginalEncoder, histogram_noise_multiplier
 from dpnf_jax.data.schema import Schema
@@ -34,7 +36,7 @@ from dpnf_jax.data.schema_dp import events_from_dicts, events_to_dicts
 from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir
 from dpnf_jax.flows import model
 from dpnf_jax.flows.model import FlowConfig
-from dpnf_jax.privacy.accounting import event_to_dict
+from dpnf_jax.privacy.accounting import event_from_dict, event_to_dict
 from dpnf_jax.privacy.clipping import Clipper, FlatClipping, clipper_from_dict
 from dpnf_jax.train import DPReport, dp_fit, fit_nonprivate
 
@@ -89,7 +91,11 @@ class DPFlowSynthesizer:
       num_blocks, hidden, num_bins, bound, activation, shared: the flow (see FlowConfig).
       clipper: clipping strategy (default flat, C = 1).
       epochs, batch_size, learning_rate, grad_method, accountant: training.
-      seed: seeds every random choice (histogram noise, init, sampling, noise).
+      seed: seeds the public randomness (initialisation, dequantisation).
+      noise_seed: seeds the PRIVATE randomness (histogram noise, Poisson sampling, DP-SGD
+        noise). None (default) draws 128 fresh bits from the OS and never stores them in
+        the model; fix it only for reproducible experiments: a known noise seed voids the
+        guarantee.
       verbose: progress bar during training.
       schema_events: ``[(label, dp_accounting.DpEvent)]`` already spent on these rows to
         build the schema (``Schema.infer_dp``). They are composed first in the same
@@ -119,6 +125,7 @@ class DPFlowSynthesizer:
         grad_method: str = "fast",
         accountant: str = "pld",
         seed: int = 0,
+        noise_seed: int | None = None,
         verbose: bool = True,
         schema_events: Sequence[tuple[str, dp_accounting.DpEvent]] = (),
     ):
@@ -146,6 +153,8 @@ class DPFlowSynthesizer:
         self.clipper = FlatClipping(1.0) if clipper is None else clipper
         self.training = TrainingOptions(float(epochs), int(batch_size), float(learning_rate), grad_method, accountant)
         self.seed = int(seed)
+        self.noise_seed = None if noise_seed is None else int(noise_seed)
+        self.noise_seed_fixed = noise_seed is not None
         self.verbose = verbose
         self.encoder: TabularEncoder | DPMarginalEncoder | None = None
         self.config: FlowConfig | None = None
@@ -158,25 +167,58 @@ class DPFlowSynthesizer:
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, df: pd.DataFrame) -> "DPFlowSynthesizer":
-        """Train on the private rows ``df`` (validated against the schema first)."""
+    def fit(
+        self,
+        df: pd.DataFrame,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+    ) -> "DPFlowSynthesizer":
+        """Train on the private rows ``df`` (validated against the schema first).
+
+        Args:
+          df: the private rows.
+          checkpoint_dir, checkpoint_every, resume: crash-safe checkpoints (see
+            :func:`dpnf_jax.train.dp_fit`). A resumed run reuses the histograms already
+            released (stored in the checkpoint) instead of releasing new ones, and ends
+            with the same model and the same epsilon as an uninterrupted run.
+        """
         self.schema.validate_frame(df)
         n = len(df)
         delta = default_delta(n) if self.delta is None else self.delta
         if self.epsilon is not None and delta >= 1.0 / n:
             warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: the guarantee is weak", stacklevel=2)
-        rng = np.random.default_rng(self.seed)
+        # Independent random streams for the histogram noise and the dequantisation noise,
+        # so a resume can skip the first and still encode identically.
+        saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        if saved is not None:
+            noise_seed = int(saved["noise_seed"])
+        else:
+            noise_seed = secrets.randbits(128) if self.noise_seed is None else self.noise_seed
+        histogram_rng = np.random.default_rng([noise_seed, 3])
+        encoding_rng = np.random.default_rng([self.seed, 2])
         prior_events = list(self.schema_events)
         if self.encoding == "marginal":
-            encoder = DPMarginalEncoder(self.schema, self.marginal_bins)
-            if self.epsilon is None:
-                encoder.fit_nonprivate(df)
+            if saved is not None and saved.get("extra"):
+                # Already released before the crash: reuse it, never release it again.
+                encoder = DPMarginalEncoder.from_dict(saved["extra"]["encoder"])
+                prior_events = [(e["label"], event_from_dict(e)) for e in saved["extra"]["prior_events"]]
             else:
-                sigma = histogram_noise_multiplier(self.marginal_share * self.epsilon, self.marginal_share * delta)
-                prior_events.append(("marginal histograms", encoder.fit_with_noise_multiplier(df, sigma, rng)))
+                encoder = DPMarginalEncoder(self.schema, self.marginal_bins)
+                if self.epsilon is None:
+                    encoder.fit_nonprivate(df)
+                else:
+                    sigma = histogram_noise_multiplier(self.marginal_share * self.epsilon, self.marginal_share * delta)
+                    event = encoder.fit_with_noise_multiplier(df, sigma, histogram_rng)
+                    prior_events.append(("marginal histograms", event))
         else:
             encoder = TabularEncoder(self.schema, categorical=self.encoding)
-        x = encoder.encode(df, rng)
+        x = encoder.encode(df, encoding_rng)
+        extra = {
+            "encoder": encoder.to_dict(),
+            "prior_events": [{"label": label, **event_to_dict(e)} for label, e in prior_events],
+        }
         config = FlowConfig(dim=encoder.dim, **self.flow_options)
         params = model.init_params(config, jax.random.key(self.seed))
         optimizer = optax.adam(self.training.learning_rate)
@@ -191,8 +233,9 @@ class DPFlowSynthesizer:
             params, report = dp_fit(
                 (config, params), x, epsilon=self.epsilon, delta=delta, epochs=self.training.epochs,
                 batch_size=batch_size, clipper=self.clipper, method=self.training.grad_method,
-                optimizer=optimizer, seed=self.seed, accountant=self.training.accountant,
-                prior_events=prior_events, verbose=self.verbose,
+                optimizer=optimizer, seed=self.seed, noise_seed=noise_seed, accountant=self.training.accountant,
+                prior_events=prior_events, verbose=self.verbose, checkpoint_dir=checkpoint_dir,
+                checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra,
             )
         self.encoder, self.config, self.params, self.report = encoder, config, params, report
         self.num_rows, self.delta = n, delta
@@ -248,6 +291,11 @@ class DPFlowSynthesizer:
             "training": None if self.report is None else self.report.to_dict(),
         }
         notes = []
+        if self.noise_seed_fixed:
+            notes.append(
+                "The noise seed was fixed by the user (noise_seed): the guarantee holds only while that "
+                "seed stays secret; it is not stored in the model."
+            )
         if self.report is None:
             notes.append("Trained WITHOUT differential privacy: no guarantee at all.")
         if self.schema.provenance == "dp" and not self.schema_events:
@@ -290,6 +338,7 @@ class DPFlowSynthesizer:
                 "clipper": self.clipper.to_dict(),
                 "training": dataclasses.asdict(self.training),
                 "seed": self.seed,
+                "noise_seed_fixed": self.noise_seed_fixed,
                 "num_rows": self.num_rows,
                 "schema_events": events_to_dicts(self.schema_events),
             },
@@ -365,6 +414,7 @@ class DPFlowSynthesizer:
         synth.report = None if meta["report"] is None else DPReport.from_dict(meta["report"])
         synth.num_rows = settings["num_rows"]
         synth.delta_was_default = settings["delta_was_default"]
+        synth.noise_seed_fixed = bool(settings.get("noise_seed_fixed", False))
         return synth
 
 

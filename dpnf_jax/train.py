@@ -21,8 +21,10 @@ import dataclasses
 import functools
 import json
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import dp_accounting
@@ -32,6 +34,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from dpnf_jax import checkpoint
 from dpnf_jax.flows import model
 from dpnf_jax.flows.model import ConditionalSplineFlow, FlowConfig, Params
 from dpnf_jax.privacy import accounting, sampling
@@ -115,9 +118,9 @@ def make_dp_step(
     def chunk(params, data, idx, mask, step_key):
         mask_key, _ = jax.random.split(step_key)
         res = clipped_grad_sum_pure(config, params, data[idx], clipper, method, mask, mask_key)
-        return res.grad_sum, jnp.sum(res.nll * mask)
+        return res.grad_sum, jnp.sum(res.nll * mask.astype(res.nll.dtype))
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def apply(params, opt_state, grad_sum, step_key):
         mask_key, noise_key = jax.random.split(step_key)
         kept = layout.expand(atom_mask(clipper, layout, mask_key), params)
@@ -139,12 +142,12 @@ def make_dp_step(
 
 
 def _flow_and_params(flow, seed: int) -> tuple[FlowConfig, Params]:
-    if isinstance(flow, ConditionalSplineFlow):
-        return flow.pure()
+    """(config, params) with params a private copy: the jitted steps donate their buffers,
+    which must not delete the caller's arrays (e.g. a module's own parameters)."""
     if isinstance(flow, FlowConfig):
         return flow, model.init_params(flow, jax.random.key(seed))
-    config, params = flow
-    return config, params
+    config, params = flow.pure() if isinstance(flow, ConditionalSplineFlow) else flow
+    return config, jax.tree.map(jnp.copy, params)
 
 
 def default_optimizer(learning_rate: float = 1e-3) -> optax.GradientTransformation:
@@ -163,11 +166,16 @@ def dp_fit(
     method: str = "fast",
     optimizer: optax.GradientTransformation | None = None,
     seed: int = 0,
+    noise_seed: int | None = None,
     accountant: str = "pld",
     chunk_size: int | None = None,
     prior_events: Sequence[tuple[str, dp_accounting.DpEvent]] = (),
     verbose: bool = True,
     callback: Callable[[int, Params, float], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    checkpoint_extra: dict[str, Any] | None = None,
 ) -> tuple[Params, DPReport]:
     """Train the flow with DP-SGD to an (epsilon, delta) budget.
 
@@ -180,7 +188,10 @@ def dp_fit(
       clipper: clipping strategy (default flat, C = 1).
       method: "fast" (analytic), "fast_reweight" or "vmap" (reference).
       optimizer: optax optimizer (default Adam 1e-3).
-      seed: seeds initialisation (for configs), sampling, sparsification and noise.
+      seed: seeds the initialisation when ``flow`` is a config (public randomness).
+      noise_seed: seeds the PRIVATE randomness: Poisson sampling, Gaussian noise and
+        sparsification masks. None (the default) draws 128 bits from the OS; fix it only
+        for reproducible experiments, since anyone who knows it can recompute the noise.
       accountant: "pld" or "rdp".
       chunk_size: rows per padded chunk (default: the expected batch size rounded up to
         a multiple of 64). Performance only.
@@ -188,6 +199,14 @@ def dp_fit(
         histograms); the noise is calibrated so that everything together meets epsilon.
       verbose: show a progress bar with step, loss and epsilon spent.
       callback: optional ``callback(step, params, mean_nll)`` after every step.
+      checkpoint_dir: where to keep the crash-safe checkpoint (see :mod:`dpnf_jax.checkpoint`).
+      checkpoint_every: write it every this many steps (and after the last one); 0 = never.
+      resume: continue from the checkpoint in ``checkpoint_dir`` if there is one. The
+        noise multiplier, the sampler state and the plan come from the checkpoint, so the
+        result and the spent epsilon equal an uninterrupted run's; changed privacy
+        settings or data are refused.
+      checkpoint_extra: JSON-able data stored with each checkpoint (e.g. the synthesizer's
+        already released histograms).
 
     Returns:
       (trained parameters, :class:`DPReport`).
@@ -212,32 +231,73 @@ def dp_fit(
     if delta >= 1.0 / num_rows:
         warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / num_rows:.3g}; the guarantee is weak", stacklevel=2)
 
+    if checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint_dir")
+    if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 0):
+        raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
+
     sampling_rate, steps = sampling.steps_for_epochs(num_rows, int(batch_size), epochs)
     prior = list(prior_events)
-    try:
-        sigma = accounting.calibrate_noise_multiplier(
-            epsilon, delta, sampling_rate, steps, accountant, extra_events=[event for _, event in prior]
-        )
-    except ValueError as err:
-        raise ValueError(
-            f"cannot train to epsilon={epsilon}, delta={delta} with batch_size={batch_size}, "
-            f"epochs={epochs} on {num_rows} rows: {err}"
-        ) from err
+    expected = sampling_rate * num_rows
+    chunk = chunk_size or int(64 * math.ceil(expected / 64))
+    # Everything the privacy guarantee or the random streams depend on; a resume must match it.
+    plan = {
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "accountant": accountant,
+        "epochs": float(epochs),
+        "batch_size": int(batch_size),
+        "num_rows": num_rows,
+        "sampling_rate": float(sampling_rate),
+        "steps": int(steps),
+        "chunk_size": chunk,
+        "seed": int(seed),
+        "clipper": clipper.to_dict(),
+        "flow": config.to_dict(),
+        "prior_events": [{"label": label, **accounting.event_to_dict(e)} for label, e in prior],
+        "data_fingerprint": checkpoint.data_fingerprint(data) if checkpoint_dir is not None else None,
+    }
+    saved = checkpoint.read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+    if saved is not None:
+        _check_resume_plan(saved["plan"], plan, checkpoint_dir)
+        if noise_seed is not None and noise_seed != saved["noise_seed"]:
+            raise ValueError(f"cannot resume from {checkpoint_dir}: it was made with another noise_seed")
+        noise_seed = int(saved["noise_seed"])
+        sigma = float(saved["noise_multiplier"])
+    else:
+        noise_seed = secrets.randbits(128) if noise_seed is None else int(noise_seed)
+        try:
+            sigma = accounting.calibrate_noise_multiplier(
+                epsilon, delta, sampling_rate, steps, accountant, extra_events=[event for _, event in prior]
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"cannot train to epsilon={epsilon}, delta={delta} with batch_size={batch_size}, "
+                f"epochs={epochs} on {num_rows} rows: {err}"
+            ) from err
     training_event = accounting.dpsgd_event(sampling_rate, sigma, steps)
     events = [*prior, ("dp-sgd", training_event)]
     spent = accounting.epsilon_of_events([e for _, e in events], delta, accountant)
     if spent > epsilon * (1 + 1e-9):
         raise ValueError(f"calibration failed: spend {spent} exceeds epsilon={epsilon}")
 
-    expected = sampling_rate * num_rows
-    chunk = chunk_size or int(64 * math.ceil(expected / 64))
     step_fns = make_dp_step(config, clipper, method, optimizer, sigma * clipper.sensitivity(), expected)
-    sampler = sampling.PoissonBatchSampler(num_rows, sampling_rate, chunk, seed)
+    # Its own random stream, independent of every other use of the seed.
+    sampler = sampling.PoissonBatchSampler(
+        num_rows, sampling_rate, chunk, 0, bit_generator=np.random.PCG64(np.random.SeedSequence([noise_seed, 1]))
+    )
     opt_state = optimizer.init(params)
-    train_key = jax.random.fold_in(jax.random.key(seed), 1)
+    start = 0
+    if saved is not None:
+        params, opt_state = checkpoint.load_checkpoint_state(checkpoint_dir, params, opt_state)
+        sampler.load_state_dict(saved["sampler"])
+        start = int(saved["step"])
+    train_key = jax.random.wrap_key_data(
+        jnp.asarray(np.random.SeedSequence([noise_seed, 2]).generate_state(2), jnp.uint32)
+    )
     progress_eps = _progress_epsilons(prior, sampling_rate, sigma, steps, delta, accountant) if verbose else {}
 
-    bar = tqdm(range(steps), desc="DP-SGD", disable=not verbose, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), desc="DP-SGD", disable=not verbose, dynamic_ncols=True, initial=start, total=steps)
     eps_now = accounting.epsilon_of_events([e for _, e in prior], delta, accountant) if (verbose and prior) else 0.0
     for step in bar:
         batch = sampler.sample()
@@ -249,6 +309,10 @@ def dp_fit(
             nll_sum = nll_sum + n
         params, opt_state = step_fns.apply(params, opt_state, grad_sum, step_key)
         mean_nll = float(nll_sum) / max(batch.batch_size, 1) if (verbose or callback) else float("nan")
+        if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            meta = {"plan": plan, "noise_multiplier": sigma, "noise_seed": noise_seed, "step": step + 1,
+                    "sampler": sampler.state_dict(), "extra": checkpoint_extra}
+            checkpoint.save_checkpoint(checkpoint_dir, params=params, opt_state=opt_state, meta=meta)
         if callback is not None:
             callback(step, params, mean_nll)
         if verbose:
@@ -272,6 +336,17 @@ def dp_fit(
         epochs=float(epochs),
     )
     return params, report
+
+
+def _check_resume_plan(saved: dict[str, Any], plan: dict[str, Any], directory) -> None:
+    """Refuse to resume when anything privacy-relevant differs from the checkpoint's plan."""
+    for key, value in plan.items():
+        if saved.get(key) != value:
+            what = "data (fingerprint)" if key == "data_fingerprint" else f"{key} ({saved.get(key)!r} -> {value!r})"
+            raise ValueError(
+                f"cannot resume from {directory}: the checkpoint was made with other {what}; resuming would "
+                "change the privacy plan or reuse its noise on other data. Start a new run in a fresh directory."
+            )
 
 
 def _progress_epsilons(prior, sampling_rate, sigma, steps, delta, accountant, num_points: int = 10) -> dict[int, float]:
@@ -323,9 +398,15 @@ def fit_nonprivate(
     return params
 
 
+@functools.lru_cache(maxsize=16)
+def _batched_log_prob(config: FlowConfig) -> Callable:
+    """One jitted log-density per architecture, so repeated evaluations do not recompile."""
+    return jax.jit(jax.vmap(lambda p, xi: model.log_prob(config, p, xi), in_axes=(None, 0)))
+
+
 def mean_log_prob(config: FlowConfig, params: Params, x, batch: int = 4096) -> float:
     """Mean exact log-likelihood of rows x [N, d] (evaluated in batches)."""
-    fn = jax.jit(jax.vmap(lambda p, xi: model.log_prob(config, p, xi), in_axes=(None, 0)))
+    fn = _batched_log_prob(config)
     x = jnp.asarray(x, params["lu"]["log_diag"].dtype)
     total = sum(float(jnp.sum(fn(params, x[i : i + batch]))) for i in range(0, x.shape[0], batch))
     return total / x.shape[0]

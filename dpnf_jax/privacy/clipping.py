@@ -171,12 +171,13 @@ def unit_thresholds(clipper: Clipper, layout: UnitLayout, atoms_kept: jax.Array)
     base = _base(clipper)
     ids, num_units = layout.unit_of_atom(base.granularity)
     kept = jax.ops.segment_max(atoms_kept, jnp.asarray(ids), num_segments=num_units)
+    # In the norms' dtype: a float32 bound in a float64 run would not be exactly C.
     if isinstance(base, FlatClipping):
-        return jnp.full((1,), base.l2_clip, jnp.float32) * kept
+        return jnp.full((1,), base.l2_clip, kept.dtype) * kept
     if base.allocation == "equal":
         weights = kept
     else:
-        weights = kept * jnp.asarray(layout.unit_sizes(base.granularity), jnp.float32)
+        weights = kept * jnp.asarray(layout.unit_sizes(base.granularity), kept.dtype)
     return base.l2_clip * jnp.sqrt(weights / jnp.sum(weights))
 
 
