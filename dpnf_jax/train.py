@@ -193,8 +193,8 @@ def dp_fit(
         sparsification masks. None (the default) draws 128 bits from the OS; fix it only
         for reproducible experiments, since anyone who knows it can recompute the noise.
       accountant: "pld" or "rdp".
-      chunk_size: rows per padded chunk (default: the expected batch size rounded up to
-        a multiple of 64). Performance only.
+      chunk_size: rows per padded chunk (default: the expected batch size plus three
+        standard deviations, rounded up to a multiple of 64). Performance only.
       prior_events: ``(label, event)`` pairs already spent on these rows (e.g. DP
         histograms); the noise is calibrated so that everything together meets epsilon.
       verbose: show a progress bar with step, loss and epsilon spent.
@@ -239,7 +239,9 @@ def dp_fit(
     sampling_rate, steps = sampling.steps_for_epochs(num_rows, int(batch_size), epochs)
     prior = list(prior_events)
     expected = sampling_rate * num_rows
-    chunk = chunk_size or int(64 * math.ceil(expected / 64))
+    # One chunk holds the batch unless it is 3 standard deviations above its mean, so a
+    # step almost never pays for a second, mostly padded chunk.
+    chunk = chunk_size or int(64 * math.ceil((expected + 3 * math.sqrt(expected * (1 - sampling_rate))) / 64))
     # Everything the privacy guarantee or the random streams depend on; a resume must match it.
     plan = {
         "epsilon": float(epsilon),
