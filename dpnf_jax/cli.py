@@ -1,4 +1,4 @@
-"""The ``dpnf`` command line: schema, train, sample, evaluate, privacy.
+"""The ``dpnf`` command line: schema, train, sample, evaluate, privacy, audit.
 
 Every command validates its input before doing work, writes its outputs atomically
 (into a staging directory or temporary file that is renamed into place at the end), and
@@ -383,6 +383,57 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from dpnf_jax.audit import audit
+    from dpnf_jax.data.datasets import adult_schema, load_adult
+
+    if (args.dataset is None) == (args.data is None):
+        raise CLIError("give exactly one of --dataset adult or --data FILE.csv (with --schema)")
+    if args.dataset == "adult":
+        schema = adult_schema() if args.schema is None else load_schema(args.schema)
+        train, _ = load_adult()
+    else:
+        if args.schema is None:
+            raise CLIError("--data needs --schema s.json (a public schema; see `dpnf_jax.Schema`)")
+        schema = load_schema(args.schema)
+        train = read_csv(args.data, schema, "training data")
+    if args.canaries < 2:
+        raise CLIError(f"--canaries must be at least 2, got {args.canaries}")
+    if args.guesses is not None:
+        bad = [g for g in args.guesses if g % 2 or g > args.canaries]
+        if bad:
+            raise CLIError(f"--guesses {bad}: each must be even and at most --canaries {args.canaries}")
+    if args.rows is not None:
+        if args.rows > len(train):
+            raise CLIError(f"--rows {args.rows} exceeds the {len(train)} training rows")
+        train = train.sample(n=args.rows, random_state=args.seed).reset_index(drop=True)
+    schema.validate_frame(train)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a JSON file path")
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    kwargs = dict(
+        delta=args.delta, num_blocks=args.blocks, hidden=tuple(args.hidden), epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        noise_seed=args.noise_seed, verbose=not args.quiet,
+    )
+    epsilon = None if args.nonprivate else args.epsilon
+    _say(args, f"auditing {'non-private' if epsilon is None else f'epsilon={epsilon:g}'} training on "
+         f"{len(train)} rows with {args.canaries} canaries ...")
+    result = audit(
+        schema, train, epsilon, num_canaries=args.canaries, canary_design=args.design,
+        synthesizer_kwargs=kwargs, seed=args.seed, confidence=args.confidence,
+        guesses=None if args.guesses is None else tuple(args.guesses),
+    )
+    report = {"dataset": args.dataset or args.data, "epsilon": epsilon, **result.to_dict()}
+    atomic_write(out, json.dumps(report, indent=2) + "\n")
+    accountant = "none (non-private)" if result.accountant_epsilon is None else f"{result.accountant_epsilon:.4f}"
+    _say(args, f"epsilon lower bound {result.epsilon_lower_bound:.4f} at {result.confidence:.0%} confidence "
+         f"({result.num_correct}/{result.num_guesses} correct guesses); accountant epsilon {accountant}; "
+         f"{result.wall_seconds:.1f} s; wrote {out}")
+    return 0
+
+
 def _say(args: argparse.Namespace, message: str) -> None:
     if not getattr(args, "quiet", False):
         print(message, file=sys.stderr)
@@ -507,6 +558,32 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--points", type=positive_int, default=10, help="points on the epsilon curve")
     privacy.add_argument("--json", action="store_true", help="print JSON instead of a table")
     privacy.set_defaults(func=cmd_privacy)
+    aud = sub.add_parser("audit", help="empirical privacy audit in one training run (canaries; NOT private, needs the data)",
+                         description="One-run privacy audit (Steinke, Nasr, Jagielski 2023): insert canaries with "
+                                     "probability 1/2, train once, guess membership from the model's log-likelihood, "
+                                     "and report a statistical lower bound on epsilon.")
+    aud.add_argument("--dataset", choices=["adult"], help="a bundled dataset (its public schema is built in)")
+    aud.add_argument("--data", help="training CSV (needs --schema)")
+    aud.add_argument("--schema", help="public schema JSON")
+    aud.add_argument("--epsilon", type=positive_float, default=1.0, help="training budget (default 1)")
+    aud.add_argument("--delta", type=probability, help="default min(1e-5, 0.1/(N + canaries))")
+    aud.add_argument("--nonprivate", action="store_true", help="audit training WITHOUT privacy (reference)")
+    aud.add_argument("--canaries", type=positive_int, default=1000, help="number of canaries m (default 1000)")
+    aud.add_argument("--design", choices=["uniform", "extreme"], default="uniform", help="canary design")
+    aud.add_argument("--guesses", type=positive_int, nargs="+",
+                     help="guess counts r to try (even; Bonferroni over them; default 5/10/25/50/100%% of m)")
+    aud.add_argument("--confidence", type=probability, default=0.95)
+    aud.add_argument("--rows", type=positive_int, help="audit on a random subset of this many training rows")
+    aud.add_argument("--blocks", type=positive_int, default=_default("num_blocks"))
+    aud.add_argument("--hidden", type=positive_int, nargs="+", default=list(_default("hidden")))
+    aud.add_argument("--epochs", type=positive_float, default=_default("epochs"))
+    aud.add_argument("--batch-size", type=positive_int, default=_default("batch_size"))
+    aud.add_argument("--learning-rate", type=positive_float, default=_default("learning_rate"))
+    aud.add_argument("--seed", type=int, default=0, help="audit and public randomness (canaries, coins, init)")
+    aud.add_argument("--noise-seed", type=int, default=None, help="private noise seed, FOR TESTS ONLY")
+    aud.add_argument("--out", required=True, help="JSON report to write")
+    aud.add_argument("--quiet", action="store_true")
+    aud.set_defaults(func=cmd_audit)
     return parser
 
 

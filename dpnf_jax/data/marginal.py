@@ -142,7 +142,7 @@ class DPMarginalEncoder:
         if self.noisy_counts is None:
             raise RuntimeError("DPMarginalEncoder: call fit() (a DP release) before encoding or decoding")
 
-    def _order(self, index: int) -> np.ndarray:
+    def level_order(self, index: int) -> np.ndarray:
         """Permutation of codes: position -> code."""
         column = self.schema.columns[index]
         counts = self.noisy_counts[index]
@@ -150,9 +150,9 @@ class DPMarginalEncoder:
             return np.argsort(-counts, kind="stable")
         return np.arange(len(counts))
 
-    def _masses(self, index: int) -> np.ndarray:
+    def bin_masses(self, index: int) -> np.ndarray:
         """Bin probabilities in position order, strictly positive, summing to one."""
-        counts = np.maximum(self.noisy_counts[index][self._order(index)], 0.0)
+        counts = np.maximum(self.noisy_counts[index][self.level_order(index)], 0.0)
         total = counts.sum()
         p = counts / total if total > 0 else np.full_like(counts, 1.0 / len(counts))
         p = np.maximum(p, _MIN_MASS)
@@ -170,10 +170,10 @@ class DPMarginalEncoder:
         self.last_clip_counts = self._clip_counts(df)
         out = np.empty((len(df), self.dim), np.float32)
         for i, column in enumerate(self.schema):
-            order = self._order(i)
+            order = self.level_order(i)
             position_of_code = np.empty_like(order)
             position_of_code[order] = np.arange(len(order))
-            p = self._masses(i)
+            p = self.bin_masses(i)
             cdf_left = np.concatenate([[0.0], np.cumsum(p)[:-1]])
             pos = position_of_code[codes[column.name].to_numpy()]
             u = cdf_left[pos] + rng.uniform(size=len(df)) * p[pos]
@@ -202,7 +202,7 @@ class DPMarginalEncoder:
             )
         data: dict[str, Any] = {}
         for i, column in enumerate(self.schema):
-            order, p = self._order(i), self._masses(i)
+            order, p = self.level_order(i), self.bin_masses(i)
             cdf = np.cumsum(p)
             u = special.ndtr(x[:, i])
             pos = np.clip(np.searchsorted(cdf, u, side="right"), 0, len(p) - 1)
