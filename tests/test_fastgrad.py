@@ -260,3 +260,21 @@ def test_padding_rows_change_nothing():
     # A different batch shape may reorder the float32 reductions: rounding level only.
     for a, b in zip(jax.tree.leaves(padded.grad_sum), jax.tree.leaves(unpadded.grad_sum)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("method", ["vmap", "fast", "fast_reweight"])
+def test_row_with_overflowing_gradient_contributes_nothing(method):
+    """One row whose gradient overflows must not poison the step (0 * inf = NaN)."""
+    from dpnf_jax.flows import model as flow_model
+    from dpnf_jax.privacy import FlatClipping, clipped_grad_sum
+
+    config = flow_model.FlowConfig(dim=3, num_blocks=2, hidden=(8,))
+    params = flow_model.init_params(config, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    poisoned = x.at[2].set(1e30)
+    keep = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])
+    clean = clipped_grad_sum((config, params), x, FlatClipping(1.0), method, mask=keep)
+    dirty = clipped_grad_sum((config, params), poisoned, FlatClipping(1.0), method)
+    for a, b in zip(jax.tree.leaves(clean.grad_sum), jax.tree.leaves(dirty.grad_sum)):
+        assert bool(jnp.all(jnp.isfinite(b)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -204,4 +204,8 @@ def clip_factors(
     bounds = unit_thresholds(clipper, layout, atoms_kept)
     factors = jnp.where(bounds > 0, bounds / jnp.maximum(norms, jnp.where(bounds > 0, bounds, 1.0)), 0.0)
     per_atom = factors[:, ids] * atoms_kept
+    # An example whose gradient overflowed (inf/NaN norm) contributes nothing at all: a
+    # zero contribution respects every bound, while 0 * inf would poison the whole sum.
+    finite = jnp.all(jnp.isfinite(atom_sq_norms), axis=1, keepdims=True)
+    per_atom = jnp.where(finite, per_atom, 0.0)
     return per_atom, (norms[:, 0] if isinstance(base, FlatClipping) else norms)

@@ -89,6 +89,15 @@ def weighted_grad_sum(
       A pytree shaped like ``params``.
     """
     per_group = layout.split(factors)
+    # Rows that contribute nothing (padding, overflowed gradients) are zeroed in the
+    # records and cotangents too, so a non-finite value there cannot reach the sums.
+    row_used = jnp.any(factors > 0, axis=1)
+
+    def used(a):
+        return jnp.where(row_used.reshape(-1, *([1] * (a.ndim - 1))), a, 0.0)
+
+    records = jax.tree.map(used, records)
+    cotangents = jax.tree.map(used, cotangents)
     conditioner = {}
     for i in range(config.num_layers):
         a = records["conditioner"][layer_name(i)]
@@ -120,8 +129,13 @@ def reweighted_grad_sum(config: FlowConfig, params: Params, x: jax.Array, exampl
       x: [B, d] examples; example_factors: [B] per-example clip factors.
     """
 
+    # Rows with factor 0 are replaced by zeros, so they add exactly nothing even when their
+    # own gradient would overflow (0 * inf is NaN in a backward pass).
+    example_factors = jax.lax.stop_gradient(example_factors)
+    x = jnp.where((example_factors > 0)[:, None], x, 0.0)
+
     def reweighted(p):
         nll = jax.vmap(lambda xi: -model.log_prob(config, p, xi))(x)
-        return jnp.sum(jax.lax.stop_gradient(example_factors) * nll)
+        return jnp.sum(example_factors * nll)
 
     return jax.grad(reweighted)(params)

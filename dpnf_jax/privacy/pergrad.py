@@ -50,5 +50,6 @@ def clipped_sum(
     factors, norms = clip_factors(clipper, layout, atom_sq, atoms_kept)
     factors = factors * row_mask[:, None].astype(factors.dtype)
     coordinate_factors = jax.vmap(layout.expand, in_axes=(0, None))(factors, params)
-    grad_sum = jax.tree.map(lambda g, f: jnp.sum(g * f, axis=0), grads, coordinate_factors)
+    # where, not a product: rows with factor 0 (padding, overflowed gradients) add exactly 0.
+    grad_sum = jax.tree.map(lambda g, f: jnp.sum(jnp.where(f == 0, 0.0, g * f), axis=0), grads, coordinate_factors)
     return grad_sum, norms, nll
