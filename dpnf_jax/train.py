@@ -109,16 +109,46 @@ def make_dp_step(
     optimizer: optax.GradientTransformation,
     noise_std: float,
     expected_batch_size: float,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> DPStep:
-    """Build the jitted chunk and update functions of a DP-SGD step."""
+    """Build the jitted chunk and update functions of a DP-SGD step.
+
+    With a ``mesh`` (one axis, any name), each chunk's rows are split over its devices:
+    every device clips its own examples and the clipped sums are added with ``psum``.
+    The update, and with it the noise, runs on replicated values from the same key, so
+    the noise is drawn ONCE per logical batch, identically on every device.
+    """
     check_method(method, clipper)
     layout = unit_layout(config)
+
+    def local_sum(params, x, mask, mask_key):
+        res = clipped_grad_sum_pure(config, params, x, clipper, method, mask, mask_key)
+        return res.grad_sum, jnp.sum(res.nll * mask.astype(res.nll.dtype))
+
+    if mesh is None:
+        summed = local_sum
+    else:
+        (axis,) = mesh.axis_names
+        spec, replicated = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+
+        def reduced(params, x, mask, mask_key):
+            return jax.lax.psum(local_sum(params, x, mask, mask_key), axis)
+
+        sharded = jax.shard_map(
+            reduced, mesh=mesh, in_specs=(replicated, spec, spec, replicated), out_specs=replicated,
+            check_vma=False,  # the per-example flow code is written without shard_map types
+        )
+
+        def summed(params, x, mask, mask_key):
+            rows = jax.sharding.NamedSharding(mesh, spec)
+            everywhere = jax.sharding.NamedSharding(mesh, replicated)
+            params, mask_key = jax.reshard((params, mask_key), everywhere)
+            return sharded(params, jax.reshard(x, rows), jax.reshard(mask, rows), mask_key)
 
     @jax.jit
     def chunk(params, data, idx, mask, step_key):
         mask_key, _ = jax.random.split(step_key)
-        res = clipped_grad_sum_pure(config, params, data[idx], clipper, method, mask, mask_key)
-        return res.grad_sum, jnp.sum(res.nll * mask.astype(res.nll.dtype))
+        return summed(params, data[idx], mask, mask_key)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def apply(params, opt_state, grad_sum, step_key):
@@ -176,6 +206,7 @@ def dp_fit(
     checkpoint_every: int = 0,
     resume: bool = False,
     checkpoint_extra: dict[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Params, DPReport]:
     """Train the flow with DP-SGD to an (epsilon, delta) budget.
 
@@ -207,6 +238,9 @@ def dp_fit(
         settings or data are refused.
       checkpoint_extra: JSON-able data stored with each checkpoint (e.g. the synthesizer's
         already released histograms).
+      mesh: optional one-axis device mesh (``jax.make_mesh((n,), ("data",))``) over which
+        each chunk's rows are sharded (data parallelism; parameters replicated, noise
+        drawn once). Same results as one device up to float summation order.
 
     Returns:
       (trained parameters, :class:`DPReport`).
@@ -241,7 +275,10 @@ def dp_fit(
     expected = sampling_rate * num_rows
     # One chunk holds the batch unless it is 3 standard deviations above its mean, so a
     # step almost never pays for a second, mostly padded chunk.
-    chunk = chunk_size or int(64 * math.ceil((expected + 3 * math.sqrt(expected * (1 - sampling_rate))) / 64))
+    granule = 64 * (1 if mesh is None else mesh.size)  # chunks split evenly over the devices
+    chunk = chunk_size or int(granule * math.ceil((expected + 3 * math.sqrt(expected * (1 - sampling_rate))) / granule))
+    if mesh is not None and chunk % mesh.size:
+        raise ValueError(f"chunk_size={chunk} must be a multiple of the mesh's {mesh.size} devices")
     # Everything the privacy guarantee or the random streams depend on; a resume must match it.
     plan = {
         "epsilon": float(epsilon),
@@ -283,7 +320,11 @@ def dp_fit(
     if spent > epsilon * (1 + 1e-9):
         raise ValueError(f"calibration failed: spend {spent} exceeds epsilon={epsilon}")
 
-    step_fns = make_dp_step(config, clipper, method, optimizer, sigma * clipper.sensitivity(), expected)
+    step_fns = make_dp_step(config, clipper, method, optimizer, sigma * clipper.sensitivity(), expected, mesh)
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        data = jax.device_put(data, replicated)
+        params = jax.device_put(params, replicated)
     # Its own random stream, independent of every other use of the seed.
     sampler = sampling.PoissonBatchSampler(
         num_rows, sampling_rate, chunk, 0, bit_generator=np.random.PCG64(np.random.SeedSequence([noise_seed, 1]))
@@ -292,6 +333,8 @@ def dp_fit(
     start = 0
     if saved is not None:
         params, opt_state = checkpoint.load_checkpoint_state(checkpoint_dir, params, opt_state)
+        if mesh is not None:
+            params, opt_state = jax.device_put((params, opt_state), replicated)
         sampler.load_state_dict(saved["sampler"])
         start = int(saved["step"])
     train_key = jax.random.wrap_key_data(

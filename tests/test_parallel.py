@@ -1,0 +1,65 @@
+"""Data-parallel DP-SGD on 4 forced host devices: same result as one device, noise drawn once."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from dpnf_jax.flows.model import FlowConfig, init_params
+    from dpnf_jax.privacy import FlatClipping, PerUnitClipping
+    from dpnf_jax.train import dp_fit
+
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh = jax.make_mesh((4,), ("data",))
+    config = FlowConfig(dim=4, num_blocks=2, hidden=(16,))
+    x = np.random.default_rng(0).normal(size=(600, 4)).astype(np.float32)
+    out = {}
+    for method, clipper in [("fast", FlatClipping(1.0)), ("vmap", FlatClipping(1.0)),
+                            ("fast", PerUnitClipping(1.0, "neuron"))]:
+        kw = dict(epsilon=2.0, delta=1e-4, epochs=1, batch_size=60, seed=1, noise_seed=2,
+                  clipper=clipper, method=method, verbose=False)
+        single, _ = dp_fit(config, x, **kw)
+        sharded, _ = dp_fit(config, x, **kw, mesh=mesh)
+        diff = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12))
+                   for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)))
+        out[f"{method}-{clipper.to_dict()['type']}"] = diff
+
+    # Noise once: tiny clip bound so the update is (almost) pure noise; SGD with lr 1.
+    # params_after - params_before = -(sum clipped + noise) / (qN): std sigma*C/(qN).
+    C = 1e-6
+    kw = dict(epsilon=1.0, delta=1e-4, epochs=0.1, batch_size=60, seed=1, noise_seed=3,
+              clipper=FlatClipping(C), method="fast", verbose=False, optimizer=optax.sgd(1.0))
+    params0 = init_params(config, jax.random.key(1))
+    trained, report = dp_fit((config, params0), x, **kw, mesh=mesh)
+    deltas = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                             zip(jax.tree.leaves(trained["conditioner"]), jax.tree.leaves(params0["conditioner"]))])
+    expected = report.noise_multiplier * C / report.expected_batch_size * np.sqrt(report.steps)
+    out["noise_ratio"] = float(np.std(deltas) / expected)
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("case", ["fast-flat", "vmap-flat", "fast-per_unit"])
+def test_sharded_equals_single_device(results, case):
+    assert results[case] < 1e-4
+
+
+def test_noise_is_drawn_once_not_per_device(results):
+    # One draw gives ratio 1; a draw per device summed with psum would give 2 (sqrt(4)).
+    assert 0.9 < results["noise_ratio"] < 1.1
