@@ -10,15 +10,14 @@ Parameters are random and non-zero everywhere (LU triangles and log-diagonal, th
 zero-initialised last layer), so no gradient term vanishes by accident.
 """
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_cases import KEY, SMALL_CLIP, make_batch, make_config, precision, random_params
 
-from dpnf_jax.flows.model import FlowConfig, init_params
 from dpnf_jax.privacy import fastgrad, pergrad
 from dpnf_jax.privacy.clipped import clipped_grad_sum, unit_layout
 from dpnf_jax.privacy.clipping import (
@@ -29,37 +28,8 @@ from dpnf_jax.privacy.clipping import (
     clip_factors,
 )
 
-SMALL_CLIP = 0.5  # per-example gradient norms here are O(100): clipping is active
 LARGE_CLIP = 1e6  # never active
 RTOL = {"float32": 1e-3, "float64": 1e-6}
-ROW_MASK = (1, 1, 1, 1, 1, 0)  # five real rows and one padding row
-KEY = 7
-
-
-@contextlib.contextmanager
-def precision(dtype: str):
-    """64-bit mode only for float64 (restored afterwards); strict promotion always."""
-    with jax.enable_x64(dtype == "float64"), jax.numpy_dtype_promotion("strict"):
-        yield
-
-
-def make_config(shared: bool) -> FlowConfig:
-    return FlowConfig(dim=5, num_blocks=3, hidden=(8, 6), num_bins=4, shared=shared)
-
-
-def random_params(config: FlowConfig, dtype, scale: float = 0.3):
-    """Random non-zero values for every leaf (LU triangles, log-diagonal and the
-    zero-initialised last layer included). numpy draws: no compilation needed."""
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    rng = np.random.default_rng(1)
-    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), dtype), shapes)
-
-
-def make_batch(dtype):
-    """x [6, 5] with one value beyond the spline bound, and the row mask."""
-    x = 1.5 * np.random.default_rng(2).standard_normal((len(ROW_MASK), 5))
-    x[1, 3] = 5.0
-    return jnp.asarray(x, dtype), jnp.asarray(ROW_MASK, dtype)
 
 
 def clippers(clip: float) -> dict:

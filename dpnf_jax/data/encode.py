@@ -326,11 +326,7 @@ class TabularEncoder:
                 values[at_atom] = np.asarray(column.point_masses)[codes[at_atom]]
             elif segment.kind == "missing":
                 missing = codes == 1
-        if column.integer:
-            integers = values.astype(np.int64)
-            return pd.arrays.IntegerArray(integers, missing) if column.nullable else integers
-        values[missing] = np.nan
-        return values
+        return continuous_to_array(column, values, missing)
 
     def to_dict(self) -> dict[str, Any]:
         """The encoder's settings (schema, categorical mode, interval), JSON-ready."""
@@ -343,6 +339,16 @@ class TabularEncoder:
             if field not in d:
                 raise ValueError(f"encoder settings: missing field {field!r}")
         return cls(Schema.from_dict(d["schema"]), d["categorical"], d["interval"])
+
+
+def continuous_to_array(column: ContinuousColumn, values: np.ndarray, missing: np.ndarray) -> Any:
+    """Decoded values (already inside the bounds) -> the column's dtype, NA where missing."""
+    if column.integer:
+        integers = values.astype(np.int64)
+        return pd.arrays.IntegerArray(integers, missing) if column.nullable else integers
+    values = values.copy()
+    values[missing] = np.nan
+    return values
 
 
 def levels_to_array(column: CategoricalColumn | OrdinalColumn, codes: np.ndarray) -> Any:

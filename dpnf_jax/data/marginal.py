@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from dpnf_jax.data.encode import column_bins, discretize, levels_to_array, n_codes
+from dpnf_jax.data.encode import column_bins, continuous_to_array, discretize, levels_to_array, n_codes
 from dpnf_jax.data.schema import CategoricalColumn, ContinuousColumn, Schema
 
 # Every bin keeps at least this probability so the CDF is strictly increasing and any
@@ -227,11 +227,7 @@ class DPMarginalEncoder:
         if n_atoms:
             at_atom = codes < n_atoms
             values[at_atom] = np.asarray(column.point_masses, np.float64)[codes[at_atom]]
-        if column.integer:
-            integers = values.astype(np.int64)
-            return pd.arrays.IntegerArray(integers, missing) if column.nullable else integers
-        values[missing] = np.nan
-        return values
+        return continuous_to_array(column, values, missing)
 
     # ------------------------------------------------------------------- storage
 
