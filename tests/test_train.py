@@ -158,7 +158,8 @@ def test_dp_report(adult_runs, index):
 
 def test_dp_fit_scales_noise_by_sensitivity_and_expected_batch(adult_runs):
     for run in adult_runs["runs"]:
-        config, clipper, method, _, noise_std, expected = run["capture"]["args"]
+        config, clipper, method, _, noise_std, expected, mesh = run["capture"]["args"]
+        assert mesh is None
         assert clipper == ADULT_CLIPPER and method == run["method"]
         assert noise_std == pytest.approx(run["report"].noise_multiplier * ADULT_CLIPPER.sensitivity(), rel=1e-12)
         assert expected == pytest.approx(ADULT_BATCH) == run["report"].expected_batch_size
