@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpnf_jax.flows.model import FlowConfig, init_params
+from dpnf_jax.privacy import FlatClipping, PerUnitClipping, StochasticSparsification
 
 SMALL_CLIP = 0.5  # per-example gradient norms here are O(100): clipping is active
 ROW_MASK = (1, 1, 1, 1, 1, 0)  # five real rows and one padding row
@@ -40,3 +41,18 @@ def make_batch(dtype):
     x = 1.5 * np.random.default_rng(2).standard_normal((len(ROW_MASK), 5))
     x[1, 3] = 5.0
     return jnp.asarray(x, dtype), jnp.asarray(ROW_MASK, dtype)
+
+
+def clippers(clip: float) -> dict:
+    """Every clipping strategy the engine offers, by name."""
+    return {
+        "flat": FlatClipping(clip),
+        "layer-equal": PerUnitClipping(clip, "layer", "equal"),
+        "layer-proportional": PerUnitClipping(clip, "layer", "proportional"),
+        "neuron-equal": PerUnitClipping(clip, "neuron", "equal"),
+        "neuron-proportional": PerUnitClipping(clip, "neuron", "proportional"),
+        "sparse-flat-neuron": StochasticSparsification(FlatClipping(clip), 0.3, "neuron"),
+        "sparse-flat-layer": StochasticSparsification(FlatClipping(clip), 0.5, "layer"),
+        "sparse-neuron-equal": StochasticSparsification(PerUnitClipping(clip, "neuron", "equal"), 0.3),
+        "sparse-layer-proportional": StochasticSparsification(PerUnitClipping(clip, "layer", "proportional"), 0.5),
+    }

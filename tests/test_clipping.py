@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from engine_cases import KEY, ROW_MASK, SMALL_CLIP, make_batch, make_config, precision, random_params
+from engine_cases import KEY, ROW_MASK, SMALL_CLIP, clippers, make_batch, make_config, precision, random_params
 
 from dpnf_jax.flows.model import FlowConfig, num_params
 from dpnf_jax.privacy import pergrad
@@ -102,20 +102,6 @@ def base_granularity(clipper) -> str:
 def base_allocation(clipper) -> str | None:
     base = clipper.base if isinstance(clipper, StochasticSparsification) else clipper
     return getattr(base, "allocation", None)
-
-
-def clippers(clip: float) -> dict:
-    return {
-        "flat": FlatClipping(clip),
-        "layer-equal": PerUnitClipping(clip, "layer", "equal"),
-        "layer-proportional": PerUnitClipping(clip, "layer", "proportional"),
-        "neuron-equal": PerUnitClipping(clip, "neuron", "equal"),
-        "neuron-proportional": PerUnitClipping(clip, "neuron", "proportional"),
-        "sparse-flat-neuron": StochasticSparsification(FlatClipping(clip), 0.3, "neuron"),
-        "sparse-flat-layer": StochasticSparsification(FlatClipping(clip), 0.5, "layer"),
-        "sparse-neuron-equal": StochasticSparsification(PerUnitClipping(clip, "neuron", "equal"), 0.3),
-        "sparse-layer-proportional": StochasticSparsification(PerUnitClipping(clip, "layer", "proportional"), 0.5),
-    }
 
 
 LAYOUTS = [pytest.param(True, id="shared"), pytest.param(False, id="unshared")]

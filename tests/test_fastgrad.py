@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from engine_cases import KEY, SMALL_CLIP, make_batch, make_config, precision, random_params
+from engine_cases import KEY, SMALL_CLIP, clippers, make_batch, make_config, precision, random_params
 
 from dpnf_jax.privacy import fastgrad, pergrad
 from dpnf_jax.privacy.clipped import clipped_grad_sum, unit_layout
@@ -30,20 +30,6 @@ from dpnf_jax.privacy.clipping import (
 
 LARGE_CLIP = 1e6  # never active
 RTOL = {"float32": 1e-3, "float64": 1e-6}
-
-
-def clippers(clip: float) -> dict:
-    return {
-        "flat": FlatClipping(clip),
-        "layer-equal": PerUnitClipping(clip, "layer", "equal"),
-        "layer-proportional": PerUnitClipping(clip, "layer", "proportional"),
-        "neuron-equal": PerUnitClipping(clip, "neuron", "equal"),
-        "neuron-proportional": PerUnitClipping(clip, "neuron", "proportional"),
-        "sparse-flat-neuron": StochasticSparsification(FlatClipping(clip), 0.3, "neuron"),
-        "sparse-flat-layer": StochasticSparsification(FlatClipping(clip), 0.5, "layer"),
-        "sparse-neuron-equal": StochasticSparsification(PerUnitClipping(clip, "neuron", "equal"), 0.3),
-        "sparse-layer-proportional": StochasticSparsification(PerUnitClipping(clip, "layer", "proportional"), 0.5),
-    }
 
 
 def has_flat_base(clipper) -> bool:
