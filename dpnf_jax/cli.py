@@ -280,6 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         accountant=args.accountant,
         seed=args.seed,
         noise_seed=args.noise_seed,
+        mesh=_mesh(args.devices),
         verbose=not args.quiet,
         schema_events=schema_events,
     )
@@ -434,6 +435,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mesh(devices: int):
+    """A one-axis mesh over the first ``devices`` local devices, or None for one device."""
+    if devices == 1:
+        return None
+    import jax
+
+    available = len(jax.devices())
+    if devices > available:
+        raise CLIError(f"--devices {devices}: only {available} device(s) available")
+    return jax.make_mesh((devices,), ("data",))
+
+
 def _say(args: argparse.Namespace, message: str) -> None:
     if not getattr(args, "quiet", False):
         print(message, file=sys.stderr)
@@ -486,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--seed", type=int, default=0, help="public randomness: initialisation, dequantisation, sampling")
     model.add_argument("--noise-seed", type=int, default=None,
                        help="fix the PRIVATE noise (experiments only: anyone who knows it can recompute the noise)")
+    model.add_argument("--devices", type=positive_int, default=1,
+                       help="data-parallel DP-SGD over this many local devices (rows sharded, noise drawn once)")
     model.add_argument("--checkpoint-every", type=int, default=0,
                        help="write a crash-safe checkpoint to OUT/checkpoint every N steps (operator-side, do not share)")
     model.add_argument("--resume", action="store_true",

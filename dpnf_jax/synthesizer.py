@@ -96,6 +96,8 @@ class DPFlowSynthesizer:
         noise). None (default) draws 128 fresh bits from the OS and never stores them in
         the model; fix it only for reproducible experiments: a known noise seed voids the
         guarantee.
+      mesh: optional one-axis device mesh for data-parallel DP-SGD (see
+        :func:`dpnf_jax.train.dp_fit`); performance only, not saved with the model.
       verbose: progress bar during training.
       schema_events: ``[(label, dp_accounting.DpEvent)]`` already spent on these rows to
         build the schema (``Schema.infer_dp``). They are composed first in the same
@@ -126,6 +128,7 @@ class DPFlowSynthesizer:
         accountant: str = "pld",
         seed: int = 0,
         noise_seed: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
         verbose: bool = True,
         schema_events: Sequence[tuple[str, dp_accounting.DpEvent]] = (),
     ):
@@ -155,6 +158,7 @@ class DPFlowSynthesizer:
         self.seed = int(seed)
         self.noise_seed = None if noise_seed is None else int(noise_seed)
         self.noise_seed_fixed = noise_seed is not None
+        self.mesh = mesh
         self.verbose = verbose
         self.encoder: TabularEncoder | DPMarginalEncoder | None = None
         self.config: FlowConfig | None = None
@@ -235,7 +239,7 @@ class DPFlowSynthesizer:
                 batch_size=batch_size, clipper=self.clipper, method=self.training.grad_method,
                 optimizer=optimizer, seed=self.seed, noise_seed=noise_seed, accountant=self.training.accountant,
                 prior_events=prior_events, verbose=self.verbose, checkpoint_dir=checkpoint_dir,
-                checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra,
+                checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra, mesh=self.mesh,
             )
         self.encoder, self.config, self.params, self.report = encoder, config, params, report
         self.num_rows, self.delta = n, delta

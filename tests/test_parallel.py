@@ -42,6 +42,14 @@ SCRIPT = textwrap.dedent(
                              zip(jax.tree.leaves(trained["conditioner"]), jax.tree.leaves(params0["conditioner"]))])
     expected = report.noise_multiplier * C / report.expected_batch_size * np.sqrt(report.steps)
     out["noise_ratio"] = float(np.std(deltas) / expected)
+
+    # The synthesizer passes the mesh through (a smoke test on a small Adult subset).
+    from dpnf_jax import DPFlowSynthesizer
+    from dpnf_jax.datasets import adult_schema, load_adult
+    rows = load_adult()[0].head(400)
+    synth = DPFlowSynthesizer(adult_schema(), epsilon=1.0, mesh=mesh, num_blocks=2, hidden=(8,), epochs=1,
+                              batch_size=100, verbose=False).fit(rows)
+    out["synth_rows"] = len(synth.sample(10, seed=0))
     json.dump(out, sys.stdout)
     """
 )
@@ -63,3 +71,7 @@ def test_sharded_equals_single_device(results, case):
 def test_noise_is_drawn_once_not_per_device(results):
     # One draw gives ratio 1; a draw per device summed with psum would give 2 (sqrt(4)).
     assert 0.9 < results["noise_ratio"] < 1.1
+
+
+def test_synthesizer_trains_on_a_mesh(results):
+    assert results["synth_rows"] == 10
