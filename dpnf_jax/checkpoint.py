@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir
+from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir, read_versioned_json
 
 CHECKPOINT_FORMAT = "dpnf-jax-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -66,15 +66,7 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / _META
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: corrupted checkpoint metadata ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a dpnf-jax checkpoint")
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint version {meta.get('version')!r}")
-    return meta
+    return read_versioned_json(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint")
 
 
 def load_checkpoint_state(directory: str | Path, params_like, opt_state_like):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -53,3 +54,21 @@ def publish_dir(stage: Path, path: str | os.PathLike) -> Path:
     else:
         os.replace(stage, path)
     return path
+
+
+def read_versioned_json(path: Path, fmt: str, version: int, what: str) -> dict:
+    """Read a JSON file that must carry ``{"format": fmt, "version": version}``.
+
+    Raises:
+      ValueError: naming the file, for unparsable text, a foreign format or another version.
+    """
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: corrupted {what} metadata ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: not a dpnf-jax {what} (format {found!r})")
+    if meta.get("version") != version:
+        raise ValueError(f"{path}: unsupported {what} version {meta.get('version')!r} (this is {version})")
+    return meta

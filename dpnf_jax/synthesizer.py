@@ -33,7 +33,7 @@ from dpnf_jax.data.encode import TabularEncoder
 from dpnf_jax.data.marginal import DPMarginalEncoder, histogram_noise_multiplier
 from dpnf_jax.data.schema import Schema
 from dpnf_jax.data.schema_dp import events_from_dicts, events_to_dicts
-from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir
+from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir, read_versioned_json
 from dpnf_jax.flows import model
 from dpnf_jax.flows.model import FlowConfig
 from dpnf_jax.privacy.accounting import event_from_dict, event_to_dict
@@ -367,14 +367,7 @@ class DPFlowSynthesizer:
         meta_path, params_path = path / _META_FILE, path / _PARAMS_FILE
         if not path.is_dir() or not meta_path.is_file() or not params_path.is_file():
             raise ValueError(f"{path}: not a dpnf-jax model directory (expected {_META_FILE} and {_PARAMS_FILE})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{meta_path}: corrupted model metadata ({err})") from err
-        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{meta_path}: not a dpnf-jax model (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-        if meta.get("version") != MODEL_VERSION:
-            raise ValueError(f"{meta_path}: unsupported model version {meta.get('version')!r} (this is {MODEL_VERSION})")
+        meta = read_versioned_json(meta_path, MODEL_FORMAT, MODEL_VERSION, "model")
         try:
             settings = meta["settings"]
             encoder_dict = meta["encoder"]
