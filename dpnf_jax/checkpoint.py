@@ -1,8 +1,9 @@
 """Crash-safe DP-SGD checkpoints that keep the privacy budget.
 
 A checkpoint holds everything a run needs to continue *as if it had never stopped*:
-parameters, optimizer state, the number of finished steps, the Poisson sampler's
-bit-generator state, and the privacy plan (noise multiplier, sampling rate, total steps
+parameters, optimizer state, the number of finished steps (the Poisson sampler is
+counter-based: step t's batch is a function of the secret noise seed and t), the noise
+seed itself, and the privacy plan (noise multiplier, sampling rate, total steps
 and every earlier DP event). Resuming never recalibrates the noise: the run continues
 the same mechanism with the same randomness, so the final epsilon equals an
 uninterrupted run's and nothing is spent twice or forgotten. Steps redone after a crash
@@ -11,7 +12,8 @@ checks that the data and every privacy-relevant setting are unchanged (reusing n
 different data would leak).
 
 Checkpoints are operator-side files: besides the DP model state they hold a SHA-256
-fingerprint of the encoded training rows. Do not publish them; publish the final model.
+fingerprint of the encoded training rows (or of the files streamed from) and the secret noise seed.
+Do not publish them; publish the final model.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir, read_versioned_json
 
 CHECKPOINT_FORMAT = "dpnf-jax-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: counter-based sampler, no sampler state
 _META = "checkpoint.json"
 _ARRAYS = "state.npz"
 

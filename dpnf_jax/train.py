@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import secrets
@@ -35,6 +36,8 @@ import optax
 from tqdm.auto import tqdm
 
 from dpnf_jax import checkpoint
+from dpnf_jax.data import stream
+from dpnf_jax.data.stream import ArrayRows
 from dpnf_jax.flows import model
 from dpnf_jax.flows.model import ConditionalSplineFlow, FlowConfig, Params
 from dpnf_jax.privacy import accounting, sampling
@@ -94,7 +97,7 @@ class DPReport:
 class DPStep:
     """The jitted pieces of one DP-SGD step (exposed so tests can count compilations).
 
-    ``chunk(params, data, idx, mask, step_key) -> (grad_sum, nll_sum)`` and
+    ``chunk(params, rows [chunk, d], mask [chunk], step_key) -> (grad_sum, nll_sum)`` and
     ``apply(params, opt_state, grad_sum, step_key) -> (params, opt_state)``.
     """
 
@@ -146,9 +149,9 @@ def make_dp_step(
             return sharded(params, jax.reshard(x, rows), jax.reshard(mask, rows), mask_key)
 
     @jax.jit
-    def chunk(params, data, idx, mask, step_key):
+    def chunk(params, rows, mask, step_key):
         mask_key, _ = jax.random.split(step_key)
-        return summed(params, data[idx], mask, mask_key)
+        return summed(params, rows, mask, mask_key)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def apply(params, opt_state, grad_sum, step_key):
@@ -207,12 +210,17 @@ def dp_fit(
     resume: bool = False,
     checkpoint_extra: dict[str, Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    prefetch_rows: int = 1 << 20,
 ) -> tuple[Params, DPReport]:
     """Train the flow with DP-SGD to an (epsilon, delta) budget.
 
     Args:
       flow: a module, a config (initialised from ``seed``) or ``(config, params)``.
-      x: [N, d] encoded private rows.
+      x: [N, d] encoded private rows, or a row source (:mod:`dpnf_jax.data.stream`):
+        e.g. ``StreamRows`` over a CSV/Parquet file larger than memory, or, on each host
+        of a multi-host run, that host's shard (``ArrayRows(x_shard, num_rows=N,
+        row_offset=lo)`` or ``StreamRows(..., row_range=(lo, hi))`` with the bounds of
+        :func:`dpnf_jax.privacy.sampling.shard_bounds`).
       epsilon, delta: the TOTAL budget, including ``prior_events``.
       epochs: expected passes over the data; steps ``T = ceil(epochs / q)``.
       batch_size: expected batch size qN.
@@ -240,7 +248,13 @@ def dp_fit(
         already released histograms).
       mesh: optional one-axis device mesh (``jax.make_mesh((n,), ("data",))``) over which
         each chunk's rows are sharded (data parallelism; parameters replicated, noise
-        drawn once). Same results as one device up to float summation order.
+        drawn once). Same results as one device up to float summation order. After
+        ``jax.distributed.initialize`` the mesh spans every process's devices and each
+        process passes its own shard of the rows: every host draws the same global
+        Poisson batch from the shared seed and feeds the rows of its shard.
+      prefetch_rows: about how many sampled rows to fetch per pass over the rows: the
+        batches of ``prefetch_rows / qN`` future steps are drawn together and read in ONE
+        pass (what makes streaming from a file affordable). Memory versus passes.
 
     Returns:
       (trained parameters, :class:`DPReport`).
@@ -252,12 +266,12 @@ def dp_fit(
     check_method(method, clipper)
     optimizer = default_optimizer() if optimizer is None else optimizer
     config, params = _flow_and_params(flow, seed)
-    data = jnp.asarray(x, dtype=params["lu"]["log_diag"].dtype)
-    if data.ndim != 2 or data.shape[1] != config.dim:
-        raise ValueError(f"x must have shape [N, {config.dim}], got {tuple(data.shape)}")
-    if not bool(jnp.all(jnp.isfinite(data))):
-        raise ValueError("x contains non-finite values")
-    num_rows = int(data.shape[0])
+    dtype = params["lu"]["log_diag"].dtype
+    rows = x if _is_row_source(x) else ArrayRows(np.asarray(x), dtype=dtype)
+    if rows.dim != config.dim:
+        raise ValueError(f"x must have shape [N, {config.dim}], got rows of width {rows.dim}")
+    num_rows = int(rows.num_rows)
+    process, bounds = _process_layout(rows, mesh)
     if not (isinstance(batch_size, (int, np.integer)) and 1 <= batch_size <= num_rows):
         raise ValueError(f"batch_size must be an integer in [1, {num_rows}], got {batch_size!r}")
     if not epochs > 0:
@@ -269,16 +283,20 @@ def dp_fit(
         raise ValueError("checkpoint_every needs a checkpoint_dir")
     if not (isinstance(checkpoint_every, (int, np.integer)) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
+    if not (isinstance(prefetch_rows, (int, np.integer)) and prefetch_rows >= 1):
+        raise ValueError(f"prefetch_rows must be an integer >= 1, got {prefetch_rows!r}")
 
     sampling_rate, steps = sampling.steps_for_epochs(num_rows, int(batch_size), epochs)
     prior = list(prior_events)
     expected = sampling_rate * num_rows
+    processes = len(bounds) - 1
     # One chunk holds the batch unless it is 3 standard deviations above its mean, so a
     # step almost never pays for a second, mostly padded chunk.
     granule = 64 * (1 if mesh is None else mesh.size)  # chunks split evenly over the devices
     chunk = chunk_size or int(granule * math.ceil((expected + 3 * math.sqrt(expected * (1 - sampling_rate))) / granule))
     if mesh is not None and chunk % mesh.size:
         raise ValueError(f"chunk_size={chunk} must be a multiple of the mesh's {mesh.size} devices")
+    group = stream.prefetch_steps(expected / processes, int(prefetch_rows), steps)
     # Everything the privacy guarantee or the random streams depend on; a resume must match it.
     plan = {
         "epsilon": float(epsilon),
@@ -290,11 +308,13 @@ def dp_fit(
         "sampling_rate": float(sampling_rate),
         "steps": int(steps),
         "chunk_size": chunk,
+        "prefetch_steps": group,
+        "processes": processes,
         "seed": int(seed),
         "clipper": clipper.to_dict(),
         "flow": config.to_dict(),
         "prior_events": [{"label": label, **accounting.event_to_dict(e)} for label, e in prior],
-        "data_fingerprint": checkpoint.data_fingerprint(data) if checkpoint_dir is not None else None,
+        "data_fingerprint": _global_fingerprint(rows, processes) if checkpoint_dir is not None else None,
     }
     saved = checkpoint.read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
     if saved is not None:
@@ -305,6 +325,7 @@ def dp_fit(
         sigma = float(saved["noise_multiplier"])
     else:
         noise_seed = secrets.randbits(128) if noise_seed is None else int(noise_seed)
+        noise_seed = _same_on_every_process(noise_seed, processes)
         try:
             sigma = accounting.calibrate_noise_multiplier(
                 epsilon, delta, sampling_rate, steps, accountant, extra_events=[event for _, event in prior]
@@ -323,47 +344,67 @@ def dp_fit(
     step_fns = make_dp_step(config, clipper, method, optimizer, sigma * clipper.sensitivity(), expected, mesh)
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        data = jax.device_put(data, replicated)
+        row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
         params = jax.device_put(params, replicated)
-    # Its own random stream, independent of every other use of the seed.
-    sampler = sampling.PoissonBatchSampler(
-        num_rows, sampling_rate, chunk, 0, bit_generator=np.random.PCG64(np.random.SeedSequence([noise_seed, 1]))
-    )
+    # Its own random stream, independent of every other use of the seed; counter-based, so
+    # batches can be drawn ahead (streaming), on every host alike, and again after a resume.
+    sampler = sampling.PoissonSampler(num_rows, sampling_rate, seed=[noise_seed, 1])
     opt_state = optimizer.init(params)
     start = 0
     if saved is not None:
         params, opt_state = checkpoint.load_checkpoint_state(checkpoint_dir, params, opt_state)
         if mesh is not None:
             params, opt_state = jax.device_put((params, opt_state), replicated)
-        sampler.load_state_dict(saved["sampler"])
         start = int(saved["step"])
     train_key = jax.random.wrap_key_data(
         jnp.asarray(np.random.SeedSequence([noise_seed, 2]).generate_state(2), jnp.uint32)
     )
-    progress_eps = _progress_epsilons(prior, sampling_rate, sigma, steps, delta, accountant) if verbose else {}
+    show = verbose and process == 0
+    progress_eps = _progress_epsilons(prior, sampling_rate, sigma, steps, delta, accountant) if show else {}
 
-    bar = tqdm(range(start, steps), desc="DP-SGD", disable=not verbose, dynamic_ncols=True, initial=start, total=steps)
-    eps_now = accounting.epsilon_of_events([e for _, e in prior], delta, accountant) if (verbose and prior) else 0.0
-    for step in bar:
-        batch = sampler.sample()
-        step_key = jax.random.fold_in(train_key, step)
-        grad_sum, nll_sum = None, 0.0
-        for idx, mask in batch.chunks:
-            g, n = step_fns.chunk(params, data, jnp.asarray(idx), jnp.asarray(mask), step_key)
-            grad_sum = g if grad_sum is None else jax.tree.map(jnp.add, grad_sum, g)
-            nll_sum = nll_sum + n
-        params, opt_state = step_fns.apply(params, opt_state, grad_sum, step_key)
-        mean_nll = float(nll_sum) / max(batch.batch_size, 1) if (verbose or callback) else float("nan")
-        if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            meta = {"plan": plan, "noise_multiplier": sigma, "noise_seed": noise_seed, "step": step + 1,
-                    "sampler": sampler.state_dict(), "extra": checkpoint_extra}
-            checkpoint.save_checkpoint(checkpoint_dir, params=params, opt_state=opt_state, meta=meta)
-        if callback is not None:
-            callback(step, params, mean_nll)
-        if verbose:
-            eps_now = progress_eps.get(step + 1, eps_now)
-            bar.set_postfix(nll=f"{mean_nll:.3f}", eps=f"{eps_now:.3f}/{epsilon:g}", refresh=False)
+    def to_device(block):
+        if mesh is None:
+            return jnp.asarray(block)
+        return jax.make_array_from_process_local_data(row_sharding, block)
+
+    local_chunk = chunk // processes
+    lo, hi = int(bounds[process]), int(bounds[process + 1])
+    bar = tqdm(desc="DP-SGD", disable=not show, dynamic_ncols=True, initial=start, total=steps)
+    eps_now = accounting.epsilon_of_events([e for _, e in prior], delta, accountant) if (show and prior) else 0.0
+    step = start
+    for group_start in range(start - start % group, steps, group):
+        group_steps = range(group_start, min(group_start + group, steps))
+        batches = [sampler.indices(t) for t in group_steps]
+        mine = [b[np.searchsorted(b, lo) : np.searchsorted(b, hi)] for b in batches]
+        fetched = rows.gather(mine, group_start // group)
+        for step, batch, local in zip(group_steps, batches, fetched):
+            if step < start:
+                continue  # drawn only so a resumed group fetches (and encodes) as the first run did
+            blocks, masks = sampling.host_chunks(batch, bounds, process, local, local_chunk, dtype)
+            step_key = jax.random.fold_in(train_key, step)
+            grad_sum, nll_sum = None, 0.0
+            for block, mask in zip(blocks, masks):
+                g, n = step_fns.chunk(params, to_device(block), to_device(mask), step_key)
+                grad_sum = g if grad_sum is None else jax.tree.map(jnp.add, grad_sum, g)
+                nll_sum = nll_sum + n
+            params, opt_state = step_fns.apply(params, opt_state, grad_sum, step_key)
+            mean_nll = float(_local(nll_sum)) / max(len(batch), 1) if (show or callback) else float("nan")
+            if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == steps) and process == 0:
+                meta = {"plan": plan, "noise_multiplier": sigma, "noise_seed": noise_seed, "step": step + 1,
+                        "extra": checkpoint_extra}
+                checkpoint.save_checkpoint(
+                    checkpoint_dir, params=jax.tree.map(_local, params), opt_state=jax.tree.map(_local, opt_state),
+                    meta=meta,
+                )
+            if callback is not None:
+                callback(step, params, mean_nll)
+            if show:
+                eps_now = progress_eps.get(step + 1, eps_now)
+                bar.update()
+                bar.set_postfix(nll=f"{mean_nll:.3f}", eps=f"{eps_now:.3f}/{epsilon:g}", refresh=False)
     bar.close()
+    if processes > 1:
+        params = jax.tree.map(lambda a: jnp.asarray(_local(a)), params)  # every process keeps a local copy
 
     report = DPReport(
         epsilon=float(spent),
@@ -381,6 +422,63 @@ def dp_fit(
         epochs=float(epochs),
     )
     return params, report
+
+
+def _is_row_source(x) -> bool:
+    return all(hasattr(x, name) for name in ("gather", "num_rows", "dim", "row_range", "fingerprint"))
+
+
+def _process_layout(rows, mesh) -> tuple[int, np.ndarray]:
+    """(this process's index, shard bounds of all processes) and checks that they fit."""
+    processes, process = jax.process_count(), jax.process_index()
+    if processes == 1:
+        bounds = np.array([0, rows.num_rows], np.int64)
+    else:
+        if mesh is None or mesh.size != jax.device_count():
+            raise ValueError(
+                f"{processes} processes: pass a mesh over all {jax.device_count()} devices "
+                "(jax.make_mesh((jax.device_count(),), ('data',)))"
+            )
+        if len({d.process_index for d in mesh.devices.flat}) != processes or jax.device_count() % processes:
+            raise ValueError("every process must contribute the same number of devices to the mesh")
+        bounds = sampling.shard_bounds(rows.num_rows, processes)
+    expected = (int(bounds[process]), int(bounds[process + 1]))
+    if tuple(rows.row_range) != expected:
+        raise ValueError(
+            f"process {process} of {processes} holds rows {tuple(rows.row_range)} of {rows.num_rows}, but its shard "
+            f"is rows {expected} (see dpnf_jax.privacy.sampling.shard_bounds)"
+        )
+    return process, bounds
+
+
+def _local(a):
+    """A host copy of a replicated (possibly multi-process) array."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return np.asarray(a.addressable_data(0))
+    return a
+
+
+def _same_on_every_process(noise_seed: int, processes: int) -> int:
+    """Process 0's seed on every process (each would otherwise draw its own OS entropy)."""
+    if processes == 1:
+        return noise_seed
+    from jax.experimental import multihost_utils
+
+    words = np.array([(noise_seed >> (32 * i)) & 0xFFFFFFFF for i in range(8)], np.uint32)
+    words = np.asarray(multihost_utils.broadcast_one_to_all(words))
+    return sum(int(w) << (32 * i) for i, w in enumerate(words))
+
+
+def _global_fingerprint(rows, processes: int) -> str:
+    """The rows' fingerprint; with several processes, that of every shard together."""
+    own = rows.fingerprint()
+    if processes == 1:
+        return own
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(own.encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))
+    return hashlib.sha256(every.tobytes()).hexdigest()
 
 
 def _check_resume_plan(saved: dict[str, Any], plan: dict[str, Any], directory) -> None:

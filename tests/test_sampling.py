@@ -1,7 +1,6 @@
 """Tests for dpnf_jax.privacy.sampling: Poisson statistics, padded chunks, resume."""
 
 import doctest
-import json
 import math
 
 import numpy as np
@@ -9,9 +8,10 @@ import pytest
 
 from dpnf_jax.privacy import sampling
 from dpnf_jax.privacy.sampling import (
-    PoissonBatchSampler,
-    padded_chunks,
+    PoissonSampler,
+    host_chunks,
     poisson_sample,
+    shard_bounds,
     steps_for_epochs,
 )
 
@@ -85,98 +85,96 @@ def test_poisson_sample_rejects_bad_arguments(num_rows, rate, name):
         poisson_sample(np.random.default_rng(0), num_rows, rate)
 
 
-@pytest.mark.parametrize("batch", [1, 7, 8, 9, 23])
-def test_padded_chunks(batch):
-    chunk_size = 8
-    indices = np.sort(np.random.default_rng(batch).choice(1000, size=batch, replace=False))
-    chunks = list(padded_chunks(indices, chunk_size))
-    assert len(chunks) == math.ceil(batch / chunk_size)
-    for idx, mask in chunks:
-        assert idx.shape == mask.shape == (chunk_size,)
-        assert idx.dtype == np.int32 and mask.dtype == np.bool_
-        assert np.all(idx[~mask] == 0)
-    masks = np.concatenate([m for _, m in chunks])
-    # Real rows first, padding only at the end of the last chunk.
-    assert masks.sum() == batch and np.all(masks[:batch]) and not np.any(masks[batch:])
-    real = np.concatenate([i[m] for i, m in chunks])
-    np.testing.assert_array_equal(real, indices)
-
-
-def test_empty_batch_gives_one_padding_chunk():
-    chunks = list(padded_chunks(np.array([], dtype=np.int64), 16))
-    assert len(chunks) == 1
-    idx, mask = chunks[0]
-    assert idx.shape == (16,) and not mask.any() and not idx.any()
-
-
-def test_padded_chunks_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="chunk_size"):
-        padded_chunks(np.arange(3), 0)
-    with pytest.raises(ValueError, match="1-D"):
-        padded_chunks(np.zeros((2, 2), dtype=int), 4)
-    with pytest.raises(ValueError, match="int32"):
-        padded_chunks(np.array([2**31]), 4)
-
-
-def test_sampler_batches():
-    sampler = PoissonBatchSampler(num_rows=500, sampling_rate=0.05, chunk_size=8, seed=3)
+def test_sampler_draws_each_step_independently_and_reproducibly():
+    sampler = PoissonSampler(num_rows=500, sampling_rate=0.05, seed=[3, 1])
     assert sampler.expected_batch_size == pytest.approx(25.0)
-    sizes = set()
-    for _, batch in zip(range(50), sampler):
-        sizes.add(batch.batch_size)
-        assert batch.chunks and all(i.shape == m.shape == (8,) for i, m in batch.chunks)
-        real = np.concatenate([i[m] for i, m in batch.chunks])
-        assert len(real) == batch.batch_size and len(np.unique(real)) == batch.batch_size
-    assert len(sizes) > 5
-    assert sampler.steps_taken == 50
+    batches = [sampler.indices(t) for t in range(300)]
+    # Counter-based: step t is the same whenever (and in whatever order) it is drawn.
+    assert all(np.array_equal(sampler.indices(t), batches[t]) for t in (299, 0, 17))
+    again = PoissonSampler(500, 0.05, seed=[3, 1])
+    assert all(np.array_equal(again.indices(t), batches[t]) for t in range(10))
+    other = PoissonSampler(500, 0.05, seed=[3, 2])
+    assert not all(np.array_equal(other.indices(t), batches[t]) for t in range(10))
+    for batch in batches:
+        assert batch.dtype == np.int64 and np.all(np.diff(batch) > 0) and (len(batch) == 0 or batch[-1] < 500)
+    assert len({len(b) for b in batches}) > 5
 
 
-def _batches(sampler, n):
-    return [np.concatenate([i[m] for i, m in sampler.sample().chunks]) for _ in range(n)]
+def test_sampler_steps_are_independent():
+    """Joint inclusion of a row in consecutive steps ~ q^2 (not 0 as without-replacement epochs give)."""
+    q, rows, steps = 0.2, 400, 1500
+    sampler = PoissonSampler(rows, q, seed=9)
+    member = np.zeros((steps, rows), bool)
+    for t in range(steps):
+        member[t, sampler.indices(t)] = True
+    both = (member[1:] & member[:-1]).mean()
+    trials = (steps - 1) * rows
+    z = (both - q * q) / math.sqrt(q * q * (1 - q * q) / trials)
+    assert abs(z) < 5, (both, q * q)
+    # Two different rows in the same step are independent too.
+    pair = (member[:, ::2] & member[:, 1::2]).mean()
+    assert abs(pair - q * q) < 5 * math.sqrt(q * q / (steps * rows / 2))
 
 
-def test_sampler_is_deterministic_given_seed():
-    first = _batches(PoissonBatchSampler(300, 0.1, 16, seed=7), 5)
-    second = _batches(PoissonBatchSampler(300, 0.1, 16, seed=7), 5)
-    other = _batches(PoissonBatchSampler(300, 0.1, 16, seed=8), 5)
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
-
-
-def test_sampler_resume_reproduces_future_batches():
-    sampler = PoissonBatchSampler(300, 0.1, 16, seed=11)
-    _batches(sampler, 4)
-    state = json.loads(json.dumps(sampler.state_dict()))
-    expected = _batches(sampler, 6)
-    resumed = PoissonBatchSampler(300, 0.1, 16, seed=999)
-    resumed.load_state_dict(state)
-    assert resumed.steps_taken == 4
-    assert all(np.array_equal(a, b) for a, b in zip(expected, _batches(resumed, 6)))
-
-
-def test_sampler_resume_rejects_other_config():
-    state = PoissonBatchSampler(300, 0.1, 16, seed=0).state_dict()
-    with pytest.raises(ValueError, match="sampling_rate"):
-        PoissonBatchSampler(300, 0.2, 16, seed=0).load_state_dict(state)
+def test_sampler_inclusion_rate_on_ten_million_rows():
+    """The geometric-gap sampler at census scale: q = 1e-4 on 10M rows, 200 steps."""
+    rows, q, steps = 10_000_000, 1e-4, 200
+    sampler = PoissonSampler(rows, q, seed=0)
+    sizes = np.array([len(sampler.indices(t)) for t in range(steps)])
+    mean, var = rows * q, rows * q * (1 - q)
+    z = (sizes.sum() - steps * mean) / math.sqrt(steps * var)
+    assert abs(z) < 4
+    assert sizes.var(ddof=1) / var == pytest.approx(1.0, abs=0.3)
+    # Spread over the whole table, not bunched at its start.
+    last = np.concatenate([sampler.indices(t) for t in range(20)])
+    assert last.max() > 0.99 * rows and last.min() < 0.01 * rows
 
 
 def test_sampler_accepts_custom_bit_generator():
-    sampler = PoissonBatchSampler(300, 0.1, 16, seed=0, bit_generator=np.random.Philox(5))
-    expected = poisson_sample(np.random.Generator(np.random.Philox(5)), 300, 0.1)
-    np.testing.assert_array_equal(_batches(sampler, 1)[0], expected)
+    sampler = PoissonSampler(300, 0.1, seed=5, bit_generator=np.random.Philox)
+    expected = poisson_sample(np.random.Generator(np.random.Philox(np.random.SeedSequence([5], spawn_key=(2,)))), 300, 0.1)
+    np.testing.assert_array_equal(sampler.indices(2), expected)
 
 
 @pytest.mark.parametrize(
     "args, name",
     [
-        ((0, 0.1, 4, 0), "num_rows"),
-        ((10, 0.0, 4, 0), "sampling_rate"),
-        ((10, 0.1, 0, 0), "chunk_size"),
+        ((0, 0.1, 0), "num_rows"),
+        ((10, 0.0, 0), "sampling_rate"),
+        ((10, 1.5, 0), "sampling_rate"),
     ],
 )
 def test_sampler_rejects_bad_arguments(args, name):
     with pytest.raises(ValueError, match=name):
-        PoissonBatchSampler(*args)
+        PoissonSampler(*args)
+    with pytest.raises(ValueError, match="step"):
+        PoissonSampler(10, 0.5, 0).indices(-1)
+
+
+def test_shard_bounds():
+    assert shard_bounds(10, 3).tolist() == [0, 3, 6, 10]
+    assert shard_bounds(7, 1).tolist() == [0, 7]
+    bounds = shard_bounds(1_000_003, 8)
+    assert bounds[0] == 0 and bounds[-1] == 1_000_003 and np.ptp(np.diff(bounds)) <= 1
+    for bad in (0, 11, 2.5):
+        with pytest.raises(ValueError, match="num_shards"):
+            shard_bounds(10, bad)
+
+
+def test_host_chunks_give_every_process_the_same_number_of_chunks():
+    bounds = shard_bounds(100, 2)
+    batch = np.array([1, 2, 3, 50, 60, 61, 62, 63, 70, 99])  # 3 rows on host 0, 7 on host 1
+    shares = [batch[batch < 50], batch[batch >= 50]]
+    out = [host_chunks(batch, bounds, p, shares[p][:, None].astype(np.float32), 4) for p in (0, 1)]
+    (blocks0, masks0), (blocks1, masks1) = out
+    assert blocks0.shape == blocks1.shape == (2, 4, 1) and masks0.shape == (2, 4)
+    np.testing.assert_array_equal(blocks0[masks0][:, 0], [1, 2, 3])
+    np.testing.assert_array_equal(blocks1[masks1][:, 0], [50, 60, 61, 62, 63, 70, 99])
+    assert not blocks0[~masks0].any()
+    empty_blocks, empty_masks = host_chunks(np.zeros(0, np.int64), bounds, 0, np.zeros((0, 3)), 8)
+    assert empty_blocks.shape == (1, 8, 3) and not empty_masks.any()
+    with pytest.raises(ValueError, match="share"):
+        host_chunks(batch, bounds, 0, np.zeros((2, 1)), 4)
 
 
 def test_steps_for_epochs():

@@ -84,16 +84,16 @@ def adult_runs():
         captured.append({"args": args, "step": step})
         return step
 
-    original_sample = sampling.PoissonBatchSampler.sample
+    original_chunks = sampling.host_chunks
 
-    def spy_sample(self):
-        batch = original_sample(self)
-        runs[-1]["batches"].append((batch.batch_size, len(batch.chunks)))
-        return batch
+    def spy_chunks(batch, *args, **kwargs):  # called once per step
+        blocks, masks = original_chunks(batch, *args, **kwargs)
+        runs[-1]["batches"].append((len(batch), len(blocks)))
+        return blocks, masks
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "make_dp_step", spy_make_dp_step)
-        patch.setattr(sampling.PoissonBatchSampler, "sample", spy_sample)
+        patch.setattr(sampling, "host_chunks", spy_chunks)
         for method in ADULT_METHODS:
             run = {"method": method, "batches": [], "losses": []}
             runs.append(run)
@@ -234,10 +234,10 @@ def test_sparsified_step_touches_only_kept_coordinates(sparse_step):
     idx = jnp.asarray([3, 17, 5, 49, 25, 8, 42, 31, 7, 14, 28, 20, 0, 0, 0, 0], jnp.int32)
     mask = jnp.arange(STEP_CHUNK) < STEP_REAL
     step_key = jax.random.key(123)
-    grad_sum, nll_sum = step.chunk(params, data, idx, mask, step_key)
+    grad_sum, nll_sum = step.chunk(params, data[idx], mask, step_key)
     # Padding rows (mask 0) change nothing, whichever rows they point at.
     other_padding = idx.at[STEP_REAL:].set(jnp.asarray([1, 2, 48, 49], jnp.int32))
-    grad_sum_2, nll_sum_2 = step.chunk(params, data, other_padding, mask, step_key)
+    grad_sum_2, nll_sum_2 = step.chunk(params, data[other_padding], mask, step_key)
     for a, b in zip(jax.tree.leaves(grad_sum), jax.tree.leaves(grad_sum_2)):
         np.testing.assert_array_equal(a, b)
     assert float(nll_sum) == float(nll_sum_2)

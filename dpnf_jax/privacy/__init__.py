@@ -21,7 +21,7 @@ from dpnf_jax.privacy.clipping import (
     StochasticSparsification,
     clipper_from_dict,
 )
-from dpnf_jax.privacy.sampling import PoissonBatchSampler, poisson_sample, steps_for_epochs
+from dpnf_jax.privacy.sampling import PoissonSampler, poisson_sample, shard_bounds, steps_for_epochs
 
 
 def __getattr__(name: str):
@@ -37,7 +37,7 @@ __all__ = [
     "ClippedGradSum",
     "FlatClipping",
     "PerUnitClipping",
-    "PoissonBatchSampler",
+    "PoissonSampler",
     "PrivacyLedger",
     "StochasticSparsification",
     "calibrate_noise_multiplier",
@@ -49,5 +49,6 @@ __all__ = [
     "epsilon_curve",
     "epsilon_of_events",
     "poisson_sample",
+    "shard_bounds",
     "steps_for_epochs",
 ]
