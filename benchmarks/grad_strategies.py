@@ -180,7 +180,7 @@ def benchmark_params(config: FlowConfig) -> Params:
 
 
 def make_inputs(point: Point) -> dict[str, Any]:
-    """Parameters, one chunk of synthetic rows ``data`` [B, d], its indices, mask and step key.
+    """Parameters, one chunk of synthetic rows ``data`` [B, d], its mask and step key.
 
     The step time does not depend on the values: the flow has no data-dependent control
     flow, so standard-normal rows stand in for the encoded table.
@@ -189,7 +189,6 @@ def make_inputs(point: Point) -> dict[str, Any]:
     return {
         "params": benchmark_params(point.config),
         "data": jnp.asarray(rng.standard_normal((point.batch, point.dim)), jnp.float32),
-        "idx": jnp.asarray(np.arange(point.batch, dtype=np.int32)),
         "mask": jnp.asarray(np.ones((point.batch,), bool)),
         "step_key": jax.random.key(3),
     }
@@ -200,12 +199,12 @@ def optimizer() -> optax.GradientTransformation:
 
 
 def nonprivate_step(config: FlowConfig, opt: optax.GradientTransformation) -> Callable:
-    """The step of ``train.fit_nonprivate``, with the data passed in rather than closed over."""
+    """The step of ``train.fit_nonprivate``, given its batch's rows (as DP training's chunk is)."""
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, data, idx):
+    def step(params, opt_state, data):
         def loss(p):
-            return -jnp.mean(jax.vmap(lambda xi: model.log_prob(config, p, xi))(data[idx]))
+            return -jnp.mean(jax.vmap(lambda xi: model.log_prob(config, p, xi))(data))
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -223,13 +222,13 @@ def lower_method(
     opt_state = jax.eval_shape(opt.init, params)
     if not method.private:
         step = nonprivate_step(point.config, opt)
-        return {"step": step.lower(params, opt_state, inputs["data"], inputs["idx"])}
+        return {"step": step.lower(params, opt_state, inputs["data"])}
     clipper = method.clipper(l2_clip)
     dp = make_dp_step(
         point.config, clipper, method.grad_method, opt, NOISE_MULTIPLIER * clipper.sensitivity(), float(point.batch)
     )
     return {
-        "chunk": dp.chunk.lower(params, inputs["data"], inputs["idx"], inputs["mask"], inputs["step_key"]),
+        "chunk": dp.chunk.lower(params, inputs["data"], inputs["mask"], inputs["step_key"]),
         "apply": dp.apply.lower(params, opt_state, params, inputs["step_key"]),
     }
 
@@ -249,9 +248,9 @@ def run_step(executables: dict[str, Any], state: tuple[Params, Any], inputs: dic
     """One full training step; returns the new ``(params, opt_state)``."""
     params, opt_state = state
     if "step" in executables:
-        params, opt_state, _ = executables["step"](params, opt_state, inputs["data"], inputs["idx"])
+        params, opt_state, _ = executables["step"](params, opt_state, inputs["data"])
         return params, opt_state
-    grad_sum, _ = executables["chunk"](params, inputs["data"], inputs["idx"], inputs["mask"], inputs["step_key"])
+    grad_sum, _ = executables["chunk"](params, inputs["data"], inputs["mask"], inputs["step_key"])
     return executables["apply"](params, opt_state, grad_sum, inputs["step_key"])
 
 
@@ -338,7 +337,7 @@ def relative_difference(grad_sum: Params, reference: Params) -> float:
 def reference_grads(point: Point, inputs: dict[str, Any]) -> tuple[Params, np.ndarray]:
     """Materialised per-example gradients of the chunk and their flat norms [B]."""
     config, params = point.config, inputs["params"]
-    grads = _per_example_grads(config, params, inputs["data"][inputs["idx"]])[1]
+    grads = _per_example_grads(config, params, inputs["data"])[1]
     mask_key, _ = jax.random.split(inputs["step_key"])
     norms = reference_clipped_sum(config, FlatClipping(L2_CLIP), grads, params, mask_key)[1]
     return grads, np.asarray(norms)
@@ -361,7 +360,7 @@ def check_clipped_sums(
         if not method.private:
             continue
         reference, _ = reference_clipped_sum(config, method.clipper(l2_clip), grads, params, mask_key)
-        grad_sum, _ = executables[name]["chunk"](params, inputs["data"], inputs["idx"], inputs["mask"], inputs["step_key"])
+        grad_sum, _ = executables[name]["chunk"](params, inputs["data"], inputs["mask"], inputs["step_key"])
         paths[name] = relative_difference(grad_sum, reference)
     return {
         "batch": point.batch,
@@ -514,7 +513,7 @@ def profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "tapped_backward": (tapped, (params, x)),
         "norms_and_clip_factors": (norms_and_factors, (params, records, cotangents)),
         "weighted_grad_sum": (weighted_sum, (params, records, cotangents, factors)),
-        "fast_chunk": (dp.chunk, (params, x, inputs["idx"], inputs["mask"], key)),
+        "fast_chunk": (dp.chunk, (params, x, inputs["mask"], key)),
         # Without donation, so that it can run repeatedly on the same inputs.
         "dp_apply": (jax.jit(dp.apply.__wrapped__), (params, opt_state, params, key)),
         "noise_only": (noise, (params, key)),

@@ -107,7 +107,7 @@ def jax_privacy_chunk(config, l2_clip: float) -> Callable:
     clipped = clipping.clipped_grad(
         lambda params, x: -model.log_prob(config, params, x), l2_clip_norm=l2_clip, batch_argnums=1, keep_batch_dim=False
     )
-    return jax.jit(lambda params, data, idx: clipped(params, data[idx]))
+    return jax.jit(clipped)
 
 
 def flow_section(args: argparse.Namespace, log) -> dict[str, Any]:
@@ -131,14 +131,14 @@ def flow_section(args: argparse.Namespace, log) -> dict[str, Any]:
         apply = make_dp_step(point.config, FlatClipping(l2_clip), "vmap", opt, gs.NOISE_MULTIPLIER * l2_clip, float(batch)).apply
         peer_chunk = jax_privacy_chunk(point.config, l2_clip)
         executables["jax_privacy"] = {
-            "peer_chunk": peer_chunk.lower(inputs["params"], inputs["data"], inputs["idx"]).compile(),
+            "peer_chunk": peer_chunk.lower(inputs["params"], inputs["data"]).compile(),
             "apply": apply.lower(inputs["params"], jax.eval_shape(opt.init, inputs["params"]), inputs["params"],
                                  inputs["step_key"]).compile(),
         }
         if i == 0:
             reference, _ = gs.reference_clipped_sum(point.config, FlatClipping(l2_clip), grads, inputs["params"],
                                                      jax.random.split(inputs["step_key"])[0])
-            peer_sum = executables["jax_privacy"]["peer_chunk"](inputs["params"], inputs["data"], inputs["idx"])
+            peer_sum = executables["jax_privacy"]["peer_chunk"](inputs["params"], inputs["data"])
             check = {"l2_clip": l2_clip, "fraction_clipped": float(np.mean(norms > l2_clip)),
                      "jax_privacy_max_rel_diff": gs.relative_difference(peer_sum, reference)}
         states = {name: gs.initial_state(inputs) for name in executables}
@@ -147,7 +147,7 @@ def flow_section(args: argparse.Namespace, log) -> dict[str, Any]:
             def step():
                 if name == "jax_privacy":
                     params, opt_state = states[name]
-                    grad_sum = executables[name]["peer_chunk"](params, inputs["data"], inputs["idx"])
+                    grad_sum = executables[name]["peer_chunk"](params, inputs["data"])
                     states[name] = jax.block_until_ready(executables[name]["apply"](params, opt_state, grad_sum,
                                                                                     inputs["step_key"]))
                 else:

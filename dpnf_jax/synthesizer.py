@@ -29,16 +29,18 @@ import pandas as pd
 from scipy import special
 
 from dpnf_jax.checkpoint import read_checkpoint_meta
-from dpnf_jax.data.encode import TabularEncoder
+from dpnf_jax.data.encode import ClippingWarning, TabularEncoder
 from dpnf_jax.data.marginal import DPMarginalEncoder, histogram_noise_multiplier
-from dpnf_jax.data.schema import Schema
+from dpnf_jax.data.schema import ContinuousColumn, Schema
 from dpnf_jax.data.schema_dp import events_from_dicts, events_to_dicts
+from dpnf_jax.data.stream import StreamRows, TableFile, scan
 from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir, read_versioned_json
 from dpnf_jax.flows import model
 from dpnf_jax.flows.model import FlowConfig
 from dpnf_jax.privacy.accounting import event_from_dict, event_to_dict
 from dpnf_jax.privacy.clipping import Clipper, FlatClipping, clipper_from_dict
-from dpnf_jax.train import DPReport, dp_fit, fit_nonprivate
+from dpnf_jax.privacy.sampling import shard_bounds
+from dpnf_jax.train import DPReport, dp_fit, fit_nonprivate, same_on_every_process, sum_over_processes
 
 MODEL_FORMAT = "dpnf-jax-model"
 MODEL_VERSION = 1
@@ -193,32 +195,45 @@ class DPFlowSynthesizer:
         delta = default_delta(n) if self.delta is None else self.delta
         if self.epsilon is not None and delta >= 1.0 / n:
             warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: the guarantee is weak", stacklevel=2)
+        saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        noise_seed = self._noise_seed(saved)
+        encoder = self._new_encoder(saved)
+        prior_events = self._prior_events(saved)
+        if isinstance(encoder, DPMarginalEncoder) and encoder.noisy_counts is None:
+            if self.epsilon is None:
+                encoder.fit_nonprivate(df)
+            else:
+                sigma = histogram_noise_multiplier(self.marginal_share * self.epsilon, self.marginal_share * delta)
+                event = encoder.fit_with_noise_multiplier(df, sigma, np.random.default_rng([noise_seed, 3]))
+                prior_events.append(("marginal histograms", event))
         # Independent random streams for the histogram noise and the dequantisation noise,
         # so a resume can skip the first and still encode identically.
-        saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        x = encoder.encode(df, np.random.default_rng([self.seed, 2]))
+        return self._train(encoder, x, n, delta, noise_seed, prior_events, checkpoint_dir, checkpoint_every, resume)
+
+    def _noise_seed(self, saved: dict[str, Any] | None) -> int:
+        """The private seed: the checkpoint's, the user's, or 128 OS bits (process 0's on every process)."""
         if saved is not None:
-            noise_seed = int(saved["noise_seed"])
-        else:
-            noise_seed = secrets.randbits(128) if self.noise_seed is None else self.noise_seed
-        histogram_rng = np.random.default_rng([noise_seed, 3])
-        encoding_rng = np.random.default_rng([self.seed, 2])
-        prior_events = list(self.schema_events)
-        if self.encoding == "marginal":
-            if saved is not None and saved.get("extra"):
-                # Already released before the crash: reuse it, never release it again.
-                encoder = DPMarginalEncoder.from_dict(saved["extra"]["encoder"])
-                prior_events = [(e["label"], event_from_dict(e)) for e in saved["extra"]["prior_events"]]
-            else:
-                encoder = DPMarginalEncoder(self.schema, self.marginal_bins)
-                if self.epsilon is None:
-                    encoder.fit_nonprivate(df)
-                else:
-                    sigma = histogram_noise_multiplier(self.marginal_share * self.epsilon, self.marginal_share * delta)
-                    event = encoder.fit_with_noise_multiplier(df, sigma, histogram_rng)
-                    prior_events.append(("marginal histograms", event))
-        else:
-            encoder = TabularEncoder(self.schema, categorical=self.encoding)
-        x = encoder.encode(df, encoding_rng)
+            return int(saved["noise_seed"])
+        seed = secrets.randbits(128) if self.noise_seed is None else self.noise_seed
+        return same_on_every_process(seed)
+
+    def _new_encoder(self, saved: dict[str, Any] | None) -> TabularEncoder | DPMarginalEncoder:
+        """A fresh encoder, or the one a checkpoint stored (already released: never again)."""
+        if self.encoding != "marginal":
+            return TabularEncoder(self.schema, categorical=self.encoding)
+        if saved is not None and saved.get("extra"):
+            return DPMarginalEncoder.from_dict(saved["extra"]["encoder"])
+        return DPMarginalEncoder(self.schema, self.marginal_bins)
+
+    def _prior_events(self, saved: dict[str, Any] | None) -> list[tuple[str, dp_accounting.DpEvent]]:
+        if saved is not None and saved.get("extra"):
+            return [(e["label"], event_from_dict(e)) for e in saved["extra"]["prior_events"]]
+        return list(self.schema_events)
+
+    def _train(self, encoder, x, n, delta, noise_seed, prior_events, checkpoint_dir, checkpoint_every, resume,
+               prefetch_rows: int = 1 << 20) -> "DPFlowSynthesizer":
+        """Fit the flow to encoded rows ``x`` (an array or a row source) and keep the result."""
         extra = {
             "encoder": encoder.to_dict(),
             "prior_events": [{"label": label, **event_to_dict(e)} for label, e in prior_events],
@@ -240,10 +255,93 @@ class DPFlowSynthesizer:
                 optimizer=optimizer, seed=self.seed, noise_seed=noise_seed, accountant=self.training.accountant,
                 prior_events=prior_events, verbose=self.verbose, checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every, resume=resume, checkpoint_extra=extra, mesh=self.mesh,
+                prefetch_rows=prefetch_rows,
             )
         self.encoder, self.config, self.params, self.report = encoder, config, params, report
         self.num_rows, self.delta = n, delta
         return self
+
+    def fit_stream(
+        self,
+        data: str | os.PathLike | Sequence[str | os.PathLike] | TableFile,
+        *,
+        chunk_rows: int = 65536,
+        prefetch_rows: int = 1 << 20,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+    ) -> "DPFlowSynthesizer":
+        """Train on a CSV or Parquet table that need not fit in memory.
+
+        The table is read in chunks of ``chunk_rows``, never whole:
+
+        1. one pass validates every row against the schema (errors name the rows, the
+           column and the value) and, for the marginal encoding, adds up the exact 1-way
+           histogram counts, which are then released ONCE with Gaussian noise;
+        2. DP-SGD draws the Poisson batches of about ``prefetch_rows / batch_size``
+           future steps at once (every row in every step independently with probability
+           q) and collects their rows in one further pass, encoding only those rows.
+
+        Memory stays about ``chunk_rows + prefetch_rows`` rows plus the model, whatever
+        the table's size. Under ``jax.distributed.initialize`` every process reads only
+        its shard of the rows (:func:`dpnf_jax.privacy.sampling.shard_bounds`), the
+        histogram counts are summed over processes before the noise is added, and
+        ``mesh`` must span every process's devices. DP-SGD only (``epsilon`` set).
+
+        Args:
+          data: a path, a glob pattern, a list of paths or a :class:`TableFile`.
+          chunk_rows: rows per read chunk.
+          prefetch_rows: sampled rows fetched per pass over the table.
+          checkpoint_dir, checkpoint_every, resume: as in :meth:`fit`.
+        """
+        if self.epsilon is None:
+            raise ValueError("fit_stream trains with DP-SGD; a non-private reference run needs fit(df) in memory")
+        table = data if isinstance(data, TableFile) else TableFile(data, self.schema, chunk_rows=chunk_rows)
+        if table.schema != self.schema:
+            raise ValueError("the TableFile was made with another schema than the synthesizer's")
+        n = table.num_rows
+        processes, process = jax.process_count(), jax.process_index()
+        lo, hi = (int(b) for b in shard_bounds(n, processes)[process : process + 2])
+        delta = default_delta(n) if self.delta is None else self.delta
+        if delta >= 1.0 / n:
+            warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: the guarantee is weak", stacklevel=2)
+        saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        noise_seed, released = self._noise_seed(saved), saved is not None and bool(saved.get("extra"))
+
+        # Pass 1: validate everything; count what the histograms need; count clipping.
+        encoder = self._new_encoder(saved)
+        counting = isinstance(encoder, DPMarginalEncoder) and not released
+        counts = None
+        clipped = dict.fromkeys((c.name for c in self.schema if isinstance(c, ContinuousColumn)), 0)
+        for _, frame in scan(table, lo, hi):
+            if counting:
+                part = encoder.exact_counts(frame)
+                counts = part if counts is None else [a + b for a, b in zip(counts, part)]
+            parsed = self.schema.parse_frame(frame)
+            for column in self.schema:
+                if column.name in clipped:
+                    v = parsed[column.name]
+                    clipped[column.name] += int(np.sum((v < column.lower) | (v > column.upper)))
+        clipped = {k: int(v) for k, v in sum_over_processes(clipped).items()}
+        if any(clipped.values()):
+            detail = ", ".join(f"{k}={v}" for k, v in clipped.items() if v)
+            warnings.warn(f"{sum(clipped.values())} value(s) will be clipped to the public schema bounds: {detail}",
+                          ClippingWarning, stacklevel=2)
+        prior_events = self._prior_events(saved)
+        if counting:
+            counts = sum_over_processes(dict(enumerate(counts)))
+            sigma = histogram_noise_multiplier(self.marginal_share * self.epsilon, self.marginal_share * delta)
+            event = encoder.release(list(counts.values()), sigma, np.random.default_rng([noise_seed, 3]))
+            prior_events.append(("marginal histograms", event))
+
+        def encode(frame, rng):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ClippingWarning)  # counted once, above
+                return encoder.encode(frame, rng)
+
+        rows = StreamRows(table, encode, encoder.dim, seed=self.seed, row_range=(lo, hi))
+        return self._train(encoder, rows, n, delta, noise_seed, prior_events, checkpoint_dir, checkpoint_every,
+                           resume, prefetch_rows=prefetch_rows)
 
     def _require_fit(self) -> None:
         if self.params is None:

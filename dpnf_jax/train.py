@@ -325,7 +325,7 @@ def dp_fit(
         sigma = float(saved["noise_multiplier"])
     else:
         noise_seed = secrets.randbits(128) if noise_seed is None else int(noise_seed)
-        noise_seed = _same_on_every_process(noise_seed, processes)
+        noise_seed = same_on_every_process(noise_seed)
         try:
             sigma = accounting.calibrate_noise_multiplier(
                 epsilon, delta, sampling_rate, steps, accountant, extra_events=[event for _, event in prior]
@@ -458,15 +458,36 @@ def _local(a):
     return a
 
 
-def _same_on_every_process(noise_seed: int, processes: int) -> int:
+def same_on_every_process(noise_seed: int) -> int:
     """Process 0's seed on every process (each would otherwise draw its own OS entropy)."""
-    if processes == 1:
+    if jax.process_count() == 1:
         return noise_seed
     from jax.experimental import multihost_utils
 
     words = np.array([(noise_seed >> (32 * i)) & 0xFFFFFFFF for i in range(8)], np.uint32)
     words = np.asarray(multihost_utils.broadcast_one_to_all(words))
     return sum(int(w) << (32 * i) for i, w in enumerate(words))
+
+
+def sum_over_processes(counts: dict[Any, Any]) -> dict[Any, np.ndarray]:
+    """Exact integer counts (scalars or arrays, same keys and shapes everywhere) summed over processes."""
+    if jax.process_count() == 1:
+        return {k: np.asarray(v, np.int64) for k, v in counts.items()}
+    from jax.experimental import multihost_utils
+
+    keys = list(counts)
+    flat = np.concatenate([np.ravel(np.asarray(counts[k], np.int64)) for k in keys])
+    # int64 through JAX needs x64; counts below 2**31 per process fit int32 exactly.
+    if flat.size and flat.max() >= 2**31:
+        raise ValueError("a count per process reached 2**31; split the table over more processes")
+    total = np.asarray(multihost_utils.process_allgather(flat.astype(np.int32))).astype(np.int64).sum(axis=0)
+    out, at = {}, 0
+    for k in keys:
+        shape = np.shape(counts[k])
+        size = int(np.prod(shape))
+        out[k] = total[at : at + size].reshape(shape)
+        at += size
+    return out
 
 
 def _global_fingerprint(rows, processes: int) -> str:

@@ -116,26 +116,47 @@ class DPMarginalEncoder:
         self, df: pd.DataFrame, noise_multiplier: float, rng: np.random.Generator | int | None = None
     ) -> dp_accounting.GaussianDpEvent:
         """Like :meth:`fit` with an explicit noise multiplier; returns its DP event."""
-        if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
-        rng = np.random.default_rng(rng)
+        return self.release(self.exact_counts(df), noise_multiplier, rng)
+
+    def exact_counts(self, df: pd.DataFrame) -> list[np.ndarray]:
+        """The exact (NOT private) histogram counts of ``df``, one array per column.
+
+        Counts add up over disjoint chunks of rows, so a table larger than memory is
+        counted chunk by chunk (and over hosts) before ONE noisy :meth:`release`.
+        """
         codes = discretize(df, self.schema, self.n_bins)
-        std = noise_multiplier * math.sqrt(len(self.schema))
-        self.noisy_counts = [
-            np.bincount(codes[c.name].to_numpy(), minlength=n_codes(c, self.n_bins)).astype(np.float64)
-            + rng.normal(0.0, std, n_codes(c, self.n_bins))
+        return [
+            np.bincount(codes[c.name].to_numpy(), minlength=n_codes(c, self.n_bins)).astype(np.int64)
             for c in self.schema
         ]
+
+    def release(
+        self, counts: list[np.ndarray], noise_multiplier: float, rng: np.random.Generator | int | None = None
+    ) -> dp_accounting.GaussianDpEvent:
+        """Add Gaussian noise once to exact counts of all rows and keep the result.
+
+        Args:
+          counts: :meth:`exact_counts` of the whole table (summed over its chunks).
+          noise_multiplier: noise std over the sqrt(m) L2 sensitivity.
+          rng: noise generator or seed.
+
+        Returns:
+          The ``dp_accounting.GaussianDpEvent`` spent.
+        """
+        if not noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+        expected = [n_codes(c, self.n_bins) for c in self.schema]
+        if [len(c) for c in counts] != expected:
+            raise ValueError(f"counts must have {expected} entries per column, got {[len(c) for c in counts]}")
+        rng = np.random.default_rng(rng)
+        std = noise_multiplier * math.sqrt(len(self.schema))
+        self.noisy_counts = [np.asarray(c, np.float64) + rng.normal(0.0, std, len(c)) for c in counts]
         self.noise_multiplier = float(noise_multiplier)
         return dp_accounting.GaussianDpEvent(self.noise_multiplier)
 
     def fit_nonprivate(self, df: pd.DataFrame) -> None:
         """Exact histograms, NO privacy: for non-private reference runs only."""
-        codes = discretize(df, self.schema, self.n_bins)
-        self.noisy_counts = [
-            np.bincount(codes[c.name].to_numpy(), minlength=n_codes(c, self.n_bins)).astype(np.float64)
-            for c in self.schema
-        ]
+        self.noisy_counts = [c.astype(np.float64) for c in self.exact_counts(df)]
         self.noise_multiplier = None
 
     def _require_fit(self) -> None:

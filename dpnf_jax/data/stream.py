@@ -203,6 +203,25 @@ class TableFile:
                 return
 
 
+def scan(table: TableFile, start: int = 0, stop: int | None = None, *, strict: bool = False) -> Iterator[tuple[int, pd.DataFrame]]:
+    """:meth:`TableFile.frames`, each checked against the schema first.
+
+    Raises:
+      ValueError: as ``Schema.validate_frame`` does (naming the column and the value),
+        prefixed with the rows and file of the offending chunk.
+    """
+    for first, frame in table.frames(start, stop):
+        try:
+            table.schema.validate_frame(frame, strict=strict)
+        except ValueError as err:
+            raise ValueError(f"{_describe(table)}, rows {first}..{first + len(frame) - 1}: {err}") from err
+        yield first, frame
+
+
+def _describe(table: TableFile) -> str:
+    return str(table.paths[0]) if len(table.paths) == 1 else f"{table.paths[0]} (+{len(table.paths) - 1} files)"
+
+
 def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
@@ -312,7 +331,7 @@ class StreamRows:
                 try:
                     block = np.asarray(self.encode(rows, rng), np.float32)
                 except ValueError as err:
-                    raise ValueError(f"rows {first}..{first + len(frame) - 1} of {self.table.paths[0]}...: {err}") from err
+                    raise ValueError(f"{_describe(self.table)}, rows {first}..{first + len(frame) - 1}: {err}") from err
                 if not np.isfinite(block).all():
                     raise ValueError(f"the encoder returned non-finite values for rows near {first}")
                 encoded[a:b] = block
