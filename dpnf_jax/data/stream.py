@@ -65,13 +65,22 @@ class TableFile:
       paths: a path, a glob pattern, or a list of paths.
       schema: the public schema; the files must hold exactly its columns.
       chunk_rows: rows per read chunk (memory versus overhead).
+      allow_extra_columns: read only the schema's columns and ignore any others
+        (default: refuse them, which catches a mistyped schema).
 
     Raises:
       ValueError: no file matches, mixed or unknown formats, a column of the schema is
         missing or a column is not in the schema (naming the file and columns).
     """
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], schema: Schema, *, chunk_rows: int = 65536):
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        schema: Schema,
+        *,
+        chunk_rows: int = 65536,
+        allow_extra_columns: bool = False,
+    ):
         if isinstance(paths, (str, os.PathLike)):
             text = os.fspath(paths)
             matched = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
@@ -90,6 +99,7 @@ class TableFile:
             raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
         self.schema = schema
         self.chunk_rows = int(chunk_rows)
+        self.allow_extra_columns = bool(allow_extra_columns)
         self._rows_per_file: list[int] | None = None
         for path in self.paths:
             self._check_columns(path)
@@ -110,7 +120,7 @@ class TableFile:
         extra = [n for n in columns if n not in self.schema.names]
         if missing:
             raise ValueError(f"{path}: column(s) {missing} of the schema are missing")
-        if extra:
+        if extra and not self.allow_extra_columns:
             raise ValueError(f"{path}: column(s) {extra} are not in the schema")
 
     @property
@@ -163,7 +173,7 @@ class TableFile:
     def _csv_frames(self, path: Path, lo: int, hi: int) -> Iterator[tuple[int, pd.DataFrame]]:
         names = list(self.schema.names)
         reader = pd.read_csv(
-            path, dtype=text_dtypes(self.schema), skipinitialspace=True, chunksize=self.chunk_rows,
+            path, dtype=text_dtypes(self.schema), skipinitialspace=True, chunksize=self.chunk_rows, usecols=names,
             skiprows=(lambda i: 0 < i <= lo) if lo else None,  # skipped lines are not parsed
         )
         first = lo
