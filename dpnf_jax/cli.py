@@ -227,14 +227,21 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- commands
 
 
+SAMPLE_CHUNK = 100_000  # synthetic rows generated (and written) at a time
+STREAM_DEFAULT_ROWS = 100_000  # default synthetic rows when training from a stream
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    process, processes = _init_distributed(args)  # before anything touches a JAX device
     from dpnf_jax.data.datasets import adult_schema, load_adult
+    from dpnf_jax.data.stream import TableFile
     from dpnf_jax.synthesizer import DPFlowSynthesizer
 
     if (args.dataset is None) == (args.data is None):
-        raise CLIError("give exactly one of --dataset adult or --data FILE.csv (with --schema)")
-    test = None
+        raise CLIError("give exactly one of --dataset adult or --data FILE (with --schema)")
+    test, table, train = None, None, None
     schema_events = []
+    streamed = args.data is not None and (args.stream or _streams_by_default(args.data))
     if args.dataset == "adult":
         schema = adult_schema() if args.schema is None else load_schema(args.schema)
         train, test = load_adult()
@@ -243,7 +250,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.schema is None:
             raise CLIError("--data needs --schema s.json (a public schema; see `dpnf_jax.Schema`)")
         schema = load_schema(args.schema)
-        train = read_csv(args.data, schema, "training data")
+        if streamed:
+            table = TableFile(args.data, schema, chunk_rows=args.chunk_rows)
+        else:
+            train = read_csv(args.data, schema, "training data")
         if args.test is not None:
             test = read_csv(args.test, schema, "test data")
         target = args.target
@@ -251,7 +261,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--target {target!r} is not a column of the schema")
     if args.schema is not None:
         schema_events = load_schema_events(args.schema, schema, args)
-    schema.validate_frame(train)
+    if train is not None:
+        schema.validate_frame(train)
+    if streamed and args.nonprivate:
+        raise CLIError("--nonprivate needs the table in memory (a CSV without --stream)")
     epsilon = None if args.nonprivate else args.epsilon
     encoding = args.categorical or args.encoding
     synth = DPFlowSynthesizer(
@@ -270,34 +283,102 @@ def cmd_train(args: argparse.Namespace) -> int:
         accountant=args.accountant,
         seed=args.seed,
         noise_seed=args.noise_seed,
-        mesh=_mesh(args.devices),
-        verbose=not args.quiet,
+        mesh=_mesh(args.devices, processes),
+        verbose=not args.quiet and process == 0,
         schema_events=schema_events,
     )
     out = Path(args.out)
-    rows = args.rows or len(train)
     started = time.perf_counter()
+    fit_options = dict(checkpoint_dir=out / "checkpoint", checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if process != 0:  # the other processes train with process 0 and write nothing
+        if streamed:
+            synth.fit_stream(table, prefetch_rows=args.prefetch_rows, **fit_options)
+        else:
+            synth.fit(train, **fit_options)
+        return 0
+    evaluate = not args.no_eval and train is not None
     with staging(out) as stage:
-        synth.fit(train, checkpoint_dir=out / "checkpoint", checkpoint_every=args.checkpoint_every,
-                  resume=args.resume)
+        if streamed:
+            synth.fit_stream(table, prefetch_rows=args.prefetch_rows, **fit_options)
+        else:
+            synth.fit(train, **fit_options)
+        rows = args.rows or (len(train) if train is not None else min(synth.num_rows, STREAM_DEFAULT_ROWS))
         fit_seconds = time.perf_counter() - started
         synth.save(stage / "model")
-        synthetic = synth.sample(rows, seed=args.seed)
-        write_csv_atomic(synthetic, stage / "synthetic.csv")
+        synthetic = _write_synthetic(synth, rows, stage / "synthetic.csv", args.seed, keep=evaluate)
         report = synth.privacy_report()
         report["fit_seconds"] = round(fit_seconds, 2)
         (stage / "privacy.json").write_text(json.dumps(report, indent=2))
         schema.to_json(stage / "schema.json")
-        if not args.no_eval:
+        if evaluate:
             _evaluate_into(stage / "report", train, synthetic, schema, test, target, synth, args.seed)
     _say(args, f"wrote {out}/ (model/, synthetic.csv with {rows} rows, privacy.json"
-         + ("" if args.no_eval else ", report/") + f") in {time.perf_counter() - started:.1f} s")
+         + ("" if not evaluate else ", report/") + f") in {time.perf_counter() - started:.1f} s")
     if report["private"]:
         _say(args, f"privacy: epsilon={report['epsilon']:.4f}, delta={report['delta']:.3g} ({report['delta_source']}) "
              "covers model/, synthetic.csv and privacy.json")
-    if not args.no_eval:
+    if evaluate:
         _say(args, "note: report/ compares with the real rows and is NOT private; keep it with the data owner")
+    elif streamed and not args.no_eval:
+        _say(args, "note: no report/ for a streamed table (it would need the rows in memory); run "
+             "`dpnf evaluate` on a sample of the rows")
     return 0
+
+
+def _streams_by_default(data: str) -> bool:
+    """Parquet files and glob patterns are streamed; a single CSV is read into memory unless --stream."""
+    from glob import has_magic
+
+    return has_magic(data) or Path(data).suffix.lower() in (".parquet", ".pq")
+
+
+def _write_synthetic(synth, rows: int, path: Path, seed: int, keep: bool):
+    """Sample ``rows`` rows into ``path`` in chunks (memory stays bounded); the frame if ``keep``.
+
+    Up to ``SAMPLE_CHUNK`` rows this is ``synth.sample(rows, seed)``; beyond, chunk i uses
+    a seed derived from (seed, i).
+    """
+    import numpy as np
+
+    if rows <= SAMPLE_CHUNK:
+        frame = synth.sample(rows, seed=seed)
+        write_csv_atomic(frame, path)
+        return frame
+    parts = [] if keep else None
+    with open(path, "w", newline="") as handle:
+        for i, start in enumerate(range(0, rows, SAMPLE_CHUNK)):
+            chunk_seed = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+            frame = synth.sample(min(SAMPLE_CHUNK, rows - start), seed=chunk_seed)
+            frame.to_csv(handle, index=False, header=i == 0)
+            if keep:
+                parts.append(frame)
+    return pd.concat(parts, ignore_index=True) if keep else None
+
+
+def _init_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """``jax.distributed.initialize`` from the flags or DPNF_* variables; (process, processes)."""
+    coordinator = args.coordinator or os.environ.get("DPNF_COORDINATOR")
+    count = args.num_processes if args.num_processes is not None else os.environ.get("DPNF_NUM_PROCESSES")
+    index = args.process_id if args.process_id is not None else os.environ.get("DPNF_PROCESS_ID")
+    explicit = [v is not None for v in (coordinator, count, index)]
+    if not (args.distributed or any(explicit)):
+        return 0, 1
+    import jax
+
+    if any(explicit):
+        if not all(explicit):
+            raise CLIError("several hosts need all of --coordinator HOST:PORT, --num-processes N and --process-id I "
+                           "(or DPNF_COORDINATOR, DPNF_NUM_PROCESSES, DPNF_PROCESS_ID)")
+        try:
+            count, index = int(count), int(index)
+        except ValueError as err:
+            raise CLIError(f"--num-processes and --process-id must be integers ({err})") from err
+        if not (count >= 1 and 0 <= index < count):
+            raise CLIError(f"--process-id must be in [0, {count}), got {index}")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index)
+    else:
+        jax.distributed.initialize()  # cluster auto-detection (SLURM, Open MPI, Cloud TPU, ...)
+    return jax.process_index(), jax.process_count()
 
 
 def _evaluate_into(path, train, synthetic, schema, test, target, synth, seed) -> None:
@@ -425,11 +506,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mesh(devices: int):
-    """A one-axis mesh over the first ``devices`` local devices, or None for one device."""
+def _mesh(devices: int, processes: int = 1):
+    """A one-axis mesh over the first ``devices`` local devices (None for one device); with
+    several processes, over every device of every process."""
+    import jax
+
+    if processes > 1:
+        if devices != 1:
+            raise CLIError("with several processes the mesh spans every device of every process: drop --devices")
+        return jax.make_mesh((jax.device_count(),), ("data",))
     if devices == 1:
         return None
-    import jax
 
     available = len(jax.devices())
     if devices > available:
@@ -461,8 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a DP flow on a table and write model/, synthetic.csv, privacy.json and report/.")
     source = train.add_argument_group("data")
     source.add_argument("--dataset", choices=["adult"], help="a bundled dataset (its public schema is built in)")
-    source.add_argument("--data", help="training CSV (needs --schema)")
+    source.add_argument("--data", help="training CSV, Parquet file or glob of files (needs --schema); Parquet and "
+                        "globs are streamed in chunks, never loaded whole")
     source.add_argument("--schema", help="public schema JSON (see dpnf_jax.Schema.to_json)")
+    source.add_argument("--stream", action="store_true", help="stream a CSV too (for tables larger than memory)")
+    source.add_argument("--chunk-rows", type=positive_int, default=65536, help="rows per read chunk when streaming")
+    source.add_argument("--prefetch-rows", type=positive_int, default=1 << 20,
+                        help="sampled rows fetched per pass over a streamed table")
     source.add_argument("--test", help="optional held-out CSV for utility metrics")
     source.add_argument("--target", help="column for train-on-synthetic/test-on-real (adult: income)")
     priv = train.add_argument_group("privacy")
@@ -495,9 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write a crash-safe checkpoint to OUT/checkpoint every N steps (operator-side, do not share)")
     model.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint: same model and same epsilon as an uninterrupted run")
+    hosts = train.add_argument_group("several hosts (jax.distributed; run the same command on every host)")
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0 (or DPNF_COORDINATOR)")
+    hosts.add_argument("--num-processes", type=positive_int, help="number of processes (or DPNF_NUM_PROCESSES)")
+    hosts.add_argument("--process-id", type=int, help="this process, 0..N-1 (or DPNF_PROCESS_ID)")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="jax.distributed.initialize() with cluster auto-detection (SLURM, Open MPI, TPU)")
     output = train.add_argument_group("output")
     output.add_argument("--out", required=True, help="output directory")
-    output.add_argument("--rows", type=positive_int, help="synthetic rows (default: as many as the training data)")
+    output.add_argument("--rows", type=positive_int,
+                        help=f"synthetic rows (default: as many as the training data; streamed: at most {STREAM_DEFAULT_ROWS})")
     output.add_argument("--no-eval", action="store_true", help="skip the evaluation report")
     output.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(func=cmd_train)

@@ -33,7 +33,7 @@ from dpnf_jax.data.encode import ClippingWarning, TabularEncoder
 from dpnf_jax.data.marginal import DPMarginalEncoder, histogram_noise_multiplier
 from dpnf_jax.data.schema import ContinuousColumn, Schema
 from dpnf_jax.data.schema_dp import events_from_dicts, events_to_dicts
-from dpnf_jax.data.stream import StreamRows, TableFile, scan
+from dpnf_jax.data.stream import ArrayRows, StreamRows, TableFile, scan
 from dpnf_jax.fileio import atomic_write, new_staging_dir, publish_dir, read_versioned_json
 from dpnf_jax.flows import model
 from dpnf_jax.flows.model import FlowConfig
@@ -238,6 +238,10 @@ class DPFlowSynthesizer:
             "encoder": encoder.to_dict(),
             "prior_events": [{"label": label, **event_to_dict(e)} for label, e in prior_events],
         }
+        if jax.process_count() > 1 and isinstance(x, np.ndarray):
+            # Every process was given the whole table: each feeds DP-SGD its own shard.
+            lo, hi = (int(v) for v in shard_bounds(n, jax.process_count())[jax.process_index() : jax.process_index() + 2])
+            x = ArrayRows(x[lo:hi], num_rows=n, row_offset=lo)
         config = FlowConfig(dim=encoder.dim, **self.flow_options)
         params = model.init_params(config, jax.random.key(self.seed))
         optimizer = optax.adam(self.training.learning_rate)
