@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from dpnf_jax.cli import main
+from dpnf_jax.cli import main, read_csv
 from dpnf_jax.datasets import adult_schema, load_adult
 
 FAST = ["--epochs", "1", "--blocks", "2", "--hidden", "16", "--batch-size", "128", "--quiet"]
@@ -155,3 +155,46 @@ def test_installed_entry_point_help():
     for command in ([], ["train"], ["sample"], ["evaluate"], ["privacy"]):
         result = subprocess.run([sys.executable, "-m", "dpnf_jax.cli", *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: dpnf" in result.stdout
+
+
+def test_train_streams_a_parquet_file(files, tmp_path, capsys):
+    """`dpnf train --data x.parquet` streams the table in chunks; same histograms as the
+    in-memory CSV run with the same noise seed; synthetic rows written in chunks."""
+    pytest.importorskip("pyarrow")
+    pd.read_csv(files / "train.csv", skipinitialspace=True).to_parquet(tmp_path / "train.parquet", row_group_size=300)
+    common = ["--schema", str(files / "schema.json"), "--epsilon", "2", "--noise-seed", "5", *FAST]
+    assert main(["train", "--data", str(tmp_path / "train.parquet"), "--chunk-rows", "256", "--prefetch-rows", "512",
+                 "--rows", "250", "--out", str(tmp_path / "streamed"), *common]) == 0
+    assert main(["train", "--data", str(files / "train.csv"), "--rows", "250", "--no-eval",
+                 "--out", str(tmp_path / "memory"), *common]) == 0
+    streamed = tmp_path / "streamed"
+    assert {p.name for p in streamed.iterdir()} == {"model", "synthetic.csv", "privacy.json", "schema.json"}
+    synthetic = read_csv(str(streamed / "synthetic.csv"), adult_schema(), "synthetic")
+    assert len(synthetic) == 250
+    adult_schema().validate_frame(synthetic)
+    a, b = (json.loads((tmp_path / d / "model" / "dpnf_model.json").read_text()) for d in ("streamed", "memory"))
+    assert a["encoder"]["noisy_counts"] == b["encoder"]["noisy_counts"]
+    assert a["report"]["epsilon"] == b["report"]["epsilon"] <= 2.0
+
+
+def test_streamed_bad_row_exits_2_and_leaves_nothing(files, tmp_path, capsys):
+    frame = pd.read_csv(files / "train.csv", skipinitialspace=True)
+    frame.loc[1000, "workclass"] = "Astronaut"
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    out = tmp_path / "out"
+    code = main(["train", "--data", str(tmp_path / "bad.csv"), "--stream", "--chunk-rows", "300",
+                 "--schema", str(files / "schema.json"), "--out", str(out), *FAST])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "rows 900..1199" in message and "workclass" in message and "Astronaut" in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "127.0.0.1:1"], "all of --coordinator"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in"),
+])
+def test_bad_distributed_flags_exit_2(files, tmp_path, capsys, argv, message):
+    code = main(["train", "--data", str(files / "train.csv"), "--schema", str(files / "schema.json"),
+                 "--out", str(tmp_path / "o"), *FAST, *argv])
+    assert code == 2 and message in capsys.readouterr().err
