@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU sweep in one command: install the GPU extra, check that JAX sees a GPU, then run
-# benchmarks/grad_strategies.py on it (about 8 minutes on one recent GPU). Writes
-# benchmarks/results/grad_strategies_gpu.{json,md} and grad_strategies_gpu_{time,memory}.png
-# with the device kind recorded. Extra arguments go to the benchmark, e.g.
+# benchmarks/grad_strategies.py on it (about 8 minutes on one recent GPU) and
+# benchmarks/scaling.py (DP-SGD step vs the GPUs present, streaming vs table size). Writes
+# benchmarks/results/grad_strategies_gpu.{json,md}, grad_strategies_gpu_{time,memory}.png and
+# scaling_gpu.{json,md,png} with the device kind recorded. Extra arguments go to
+# grad_strategies.py, e.g.
 #   bash benchmarks/run_gpu.sh --quick        # -> grad_strategies_gpu_quick.*
+# SCALING_ARGS goes to scaling.py (default: devices 1 2 4 8, as many as exist; 0.1M and 1M rows).
 # PYTHON selects the interpreter (default: python on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +35,6 @@ fi
 
 # Workers then allocate only what they use, one at a time; peak_bytes_in_use is per process either way.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-exec "$PYTHON" benchmarks/grad_strategies.py --device gpu "$@"
+"$PYTHON" benchmarks/grad_strategies.py --device gpu "$@"
+# shellcheck disable=SC2086
+"$PYTHON" benchmarks/scaling.py --platform gpu ${SCALING_ARGS:---devices 1 2 4 8 --stream-rows 100000 1000000}

@@ -142,11 +142,15 @@ def make_dp_step(
             check_vma=False,  # the per-example flow code is written without shard_map types
         )
 
+        # Explicit mesh axes (jax.make_mesh's default) are resharded; Auto ones constrained.
+        explicit = tuple(mesh.axis_types) == (jax.sharding.AxisType.Explicit,)
+        place = jax.reshard if explicit else jax.lax.with_sharding_constraint
+
         def summed(params, x, mask, mask_key):
             rows = jax.sharding.NamedSharding(mesh, spec)
             everywhere = jax.sharding.NamedSharding(mesh, replicated)
-            params, mask_key = jax.reshard((params, mask_key), everywhere)
-            return sharded(params, jax.reshard(x, rows), jax.reshard(mask, rows), mask_key)
+            params, mask_key = place((params, mask_key), everywhere)
+            return sharded(params, place(x, rows), place(mask, rows), mask_key)
 
     @jax.jit
     def chunk(params, rows, mask, step_key):

@@ -97,3 +97,26 @@ def test_mlp_fast_clipped_sum_matches_vmap(monkeypatch):
     np.testing.assert_allclose(fast_norms, reference_norms, rtol=1e-5)
     for g, ref in zip(jax.tree.leaves(fast), jax.tree.leaves(reference)):
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scaling_benchmark_tiny(tmp_path):
+    """benchmarks/scaling.py end to end on a tiny flow: devices 1 and 2 (forced host devices,
+    an Auto-axes mesh), one small streamed table; JSON, table and plot are written."""
+    pytest.importorskip("pyarrow")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = ["--devices", "1", "2", "--stream-rows", "3000", "--stream-steps", "12", "--batch", "64",
+            "--prefetch-rows", "256", "--repeats", "2", "--blocks", "2", "--width", "16",
+            "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--suffix", "test"]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "scaling_cpu_test.json").read_text())
+    assert all(math.isfinite(x) for x in _numbers(data))
+    points = data["devices"]["points"]
+    assert [(p["devices"], p["mesh"]) for p in points] == [(1, False), (1, True), (2, True)]
+    assert all(p["rows_per_s"] > 0 for p in points)
+    (stream,) = data["stream"]
+    assert stream["rows"] == 3000 and stream["steps"] == 12
+    assert stream["passes"] == -(-12 // 4)  # 256 prefetched rows at 64 per step: 4 steps a pass
+    assert (tmp_path / "out" / "scaling_cpu_test.png").stat().st_size > 0
+    assert "| 3,000 |" in (tmp_path / "out" / "scaling_cpu_test.md").read_text()
