@@ -227,3 +227,15 @@ def test_array_rows_checks_its_input():
     np.testing.assert_array_equal(shard.gather([np.array([4, 6])])[0], [[0, 1], [4, 5]])
     with pytest.raises(ValueError, match=r"holds rows \(4, 7\) of 10"):
         dp_fit(CONFIG, shard, epochs=1, **{**FIT, "batch_size": 2})
+
+
+@pytest.mark.parametrize("text, rows", [
+    ("a,c\n1,x\n2,y\n", 2),                 # trailing newline
+    ("a,c\n1,x\n2,y", 2),                   # none
+    ('a,c\n1,"x"\n2,"y"\n3,x\n', 3),        # quoted fields: counted by the parser
+    ("a,c\n", 0),
+])
+def test_csv_row_count(tmp_path, text, rows):
+    (tmp_path / "t.csv").write_text(text)
+    schema = Schema([ContinuousColumn("a", 0.0, 5.0), CategoricalColumn("c", ("x", "y"))])
+    assert TableFile(tmp_path / "t.csv", schema).num_rows == rows

@@ -131,13 +131,27 @@ class TableFile:
                 pq = _pyarrow_parquet()
                 self._rows_per_file = [pq.ParquetFile(p).metadata.num_rows for p in self.paths]
             else:
-                first = self.schema.names[0]
-                self._rows_per_file = [
-                    sum(len(c) for c in pd.read_csv(p, usecols=[first], dtype="string", chunksize=1 << 20,
-                                                    skipinitialspace=True))
-                    for p in self.paths
-                ]
+                self._rows_per_file = [self._count_csv_rows(p) for p in self.paths]
         return self._rows_per_file
+
+    def _count_csv_rows(self, path: Path) -> int:
+        """Data rows of a CSV: a byte scan for newlines when nothing is quoted (so no field
+        can hold a line break), else a chunked pandas pass over one column."""
+        if not path.suffix.lower() == ".gz":
+            lines, last, quoted = 0, b"\n", False
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 24):
+                    if b'"' in block:
+                        quoted = True
+                        break
+                    lines += block.count(b"\n")
+                    last = block[-1:]
+            if not quoted:
+                lines += last != b"\n"  # a last line without a newline
+                return max(lines - 1, 0)  # minus the header
+        first = self.schema.names[0]
+        chunks = pd.read_csv(path, usecols=[first], dtype="string", chunksize=self.chunk_rows, skipinitialspace=True)
+        return sum(len(c) for c in chunks)
 
     @property
     def num_rows(self) -> int:
