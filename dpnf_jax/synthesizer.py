@@ -27,6 +27,7 @@ import numpy as np
 import optax
 import pandas as pd
 from scipy import special
+from tqdm.auto import tqdm
 
 from dpnf_jax.checkpoint import read_checkpoint_meta
 from dpnf_jax.data.encode import ClippingWarning, TabularEncoder
@@ -317,7 +318,10 @@ class DPFlowSynthesizer:
         counting = isinstance(encoder, DPMarginalEncoder) and not released
         counts = None
         clipped = dict.fromkeys((c.name for c in self.schema if isinstance(c, ContinuousColumn)), 0)
+        bar = tqdm(total=hi - lo, unit="rows", unit_scale=True, desc="validate + count", disable=not self.verbose,
+                   dynamic_ncols=True)
         for _, frame in scan(table, lo, hi):
+            bar.update(len(frame))
             if counting:
                 part = encoder.exact_counts(frame)
                 counts = part if counts is None else [a + b for a, b in zip(counts, part)]
@@ -326,6 +330,7 @@ class DPFlowSynthesizer:
                 if column.name in clipped:
                     v = parsed[column.name]
                     clipped[column.name] += int(np.sum((v < column.lower) | (v > column.upper)))
+        bar.close()
         clipped = {k: int(v) for k, v in sum_over_processes(clipped).items()}
         if any(clipped.values()):
             detail = ", ".join(f"{k}={v}" for k, v in clipped.items() if v)

@@ -380,7 +380,11 @@ def dp_fit(
         group_steps = range(group_start, min(group_start + group, steps))
         batches = [sampler.indices(t) for t in group_steps]
         mine = [b[np.searchsorted(b, lo) : np.searchsorted(b, hi)] for b in batches]
+        if show:
+            bar.set_description("DP-SGD (fetching rows)", refresh=True)
         fetched = rows.gather(mine, group_start // group)
+        if show:
+            bar.set_description("DP-SGD", refresh=False)
         for step, batch, local in zip(group_steps, batches, fetched):
             if step < start:
                 continue  # drawn only so a resumed group fetches (and encodes) as the first run did
