@@ -234,7 +234,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[0].plot([p["devices"] for p in meshed], [p["rows_per_s"] for p in meshed], "o-", label="mesh")
         plain = next(p for p in devices["points"] if not p["mesh"])
         axes[0].axhline(plain["rows_per_s"], color="gray", ls="--", label="no mesh")
-        axes[0].set(xlabel="devices", ylabel="rows/s", title=f"DP-SGD step, batch {result['settings']['batch']}")
+        axes[0].set(xlabel="devices", ylabel="rows/s", title=f"DP-SGD step, batch {result['settings']['batch']}",
+                    xticks=[p["devices"] for p in meshed])
+        axes[0].set_ylim(bottom=0)
         axes[0].legend()
     stream = result.get("stream")
     if stream:

@@ -104,3 +104,32 @@ def test_hosts_share_process_zeros_noise_seed(runs):
     _, host0, host1 = runs
     assert host0["fast-None"] == host1["fast-None"]
     assert _max_relative(host0["fast-None"], host0["fast-7"]) > 1e-3  # it really is another noise draw
+
+
+def test_cli_on_two_hosts_streams_shards_and_releases_histograms_once(tmp_path):
+    """`dpnf train --coordinator ... --process-id I` on two processes: each streams its half
+    of a Parquet file; the histogram counts are summed over hosts before the noise, so
+    they equal a one-process run's with the same noise seed; process 0 alone writes."""
+    from dpnf_jax.cli import main
+    from dpnf_jax.datasets import adult_schema, load_adult
+
+    load_adult()[0].head(900).to_parquet(tmp_path / "t.parquet", row_group_size=200)
+    adult_schema().to_json(tmp_path / "s.json")
+    common = ["train", "--data", str(tmp_path / "t.parquet"), "--schema", str(tmp_path / "s.json"), "--epsilon", "2",
+              "--noise-seed", "5", "--epochs", "1", "--blocks", "2", "--hidden", "8", "--batch-size", "100",
+              "--rows", "50", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    address = f"127.0.0.1:{_free_port()}"
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "dpnf_jax.cli", *common, "--out", str(tmp_path / "two"),
+                          "--coordinator", address, "--num-processes", "2", "--process-id", str(i)],
+                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in (0, 1)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    one, two = (json.loads((tmp_path / d / "model" / "dpnf_model.json").read_text()) for d in ("one", "two"))
+    assert two["encoder"]["noisy_counts"] == one["encoder"]["noisy_counts"]
+    assert two["report"]["epsilon"] == one["report"]["epsilon"] <= 2.0
+    assert {p.name for p in (tmp_path / "two").iterdir()} == {"model", "synthetic.csv", "privacy.json", "schema.json"}
