@@ -15,6 +15,7 @@ from dpnf_jax import datasets, privacy
 from dpnf_jax.data.encode import TabularEncoder
 from dpnf_jax.data.marginal import DPMarginalEncoder
 from dpnf_jax.data.schema import CategoricalColumn, ContinuousColumn, OrdinalColumn, Schema
+from dpnf_jax.data.stream import TableFile
 from dpnf_jax.flows.model import ConditionalSplineFlow, FlowConfig
 from dpnf_jax.synthesizer import DPFlowSynthesizer
 from dpnf_jax.train import DPReport, dp_fit, fit_nonprivate
@@ -31,6 +32,7 @@ __all__ = [
     "FlowConfig",
     "OrdinalColumn",
     "Schema",
+    "TableFile",
     "TabularEncoder",
     "datasets",
     "dp_fit",

@@ -1,4 +1,5 @@
-"""Data layer: public schemas, the DataFrame <-> R^d encoder, the bundled Adult data."""
+"""Data layer: public schemas, the DataFrame <-> R^d encoder, the bundled Adult data, and
+row sources for DP-SGD (in memory, or streamed from CSV/Parquet files)."""
 
 from dpnf_jax.data.datasets import ADULT_COLUMNS, adult_schema, load_adult
 from dpnf_jax.data.encode import ClippingWarning, Segment, TabularEncoder, column_bins, discretize, n_codes
@@ -10,9 +11,11 @@ from dpnf_jax.data.schema import (
     Schema,
     column_from_dict,
 )
+from dpnf_jax.data.stream import ArrayRows, StreamRows, TableFile
 
 __all__ = [
     "ADULT_COLUMNS",
+    "ArrayRows",
     "CategoricalColumn",
     "ClippingWarning",
     "Column",
@@ -20,6 +23,8 @@ __all__ = [
     "OrdinalColumn",
     "Schema",
     "Segment",
+    "StreamRows",
+    "TableFile",
     "TabularEncoder",
     "adult_schema",
     "column_bins",
