@@ -241,7 +241,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError("give exactly one of --dataset adult or --data FILE (with --schema)")
     test, table, train = None, None, None
     schema_events = []
+    if args.stream and args.data is None:
+        raise CLIError("--stream needs --data FILE (the bundled dataset is small and read into memory)")
     streamed = args.data is not None and (args.stream or _streams_by_default(args.data))
+    if streamed and args.test is not None:
+        raise CLIError("--test: a streamed table gets no evaluation report; run `dpnf evaluate` on a sample instead")
     if args.dataset == "adult":
         schema = adult_schema() if args.schema is None else load_schema(args.schema)
         train, test = load_adult()
@@ -251,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError("--data needs --schema s.json (a public schema; see `dpnf_jax.Schema`)")
         schema = load_schema(args.schema)
         if streamed:
-            table = TableFile(args.data, schema, chunk_rows=args.chunk_rows)
+            table = TableFile(args.data, schema, chunk_rows=args.chunk_rows, allow_extra_columns=args.allow_extra_columns)
         else:
             train = read_csv(args.data, schema, "training data")
         if args.test is not None:
@@ -288,6 +292,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         schema_events=schema_events,
     )
     out = Path(args.out)
+    if processes > 1:  # an unwritable --out on process 0 must stop the others too
+        from dpnf_jax.train import raise_together
+
+        error = None
+        if process == 0:
+            try:
+                check_writable_dir(out)
+            except CLIError as err:
+                error = err
+        raise_together(error)
     started = time.perf_counter()
     fit_options = dict(checkpoint_dir=out / "checkpoint", checkpoint_every=args.checkpoint_every, resume=args.resume)
     if process != 0:  # the other processes train with process 0 and write nothing
@@ -552,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "globs are streamed in chunks, never loaded whole")
     source.add_argument("--schema", help="public schema JSON (see dpnf_jax.Schema.to_json)")
     source.add_argument("--stream", action="store_true", help="stream a CSV too (for tables larger than memory)")
+    source.add_argument("--allow-extra-columns", action="store_true",
+                        help="streamed files: read only the schema's columns and ignore the others")
     source.add_argument("--chunk-rows", type=positive_int, default=65536, help="rows per read chunk when streaming")
     source.add_argument("--prefetch-rows", type=positive_int, default=1 << 20,
                         help="sampled rows fetched per pass over a streamed table")

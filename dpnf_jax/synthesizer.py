@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -41,7 +42,15 @@ from dpnf_jax.flows.model import FlowConfig
 from dpnf_jax.privacy.accounting import event_from_dict, event_to_dict
 from dpnf_jax.privacy.clipping import Clipper, FlatClipping, clipper_from_dict
 from dpnf_jax.privacy.sampling import shard_bounds
-from dpnf_jax.train import DPReport, dp_fit, fit_nonprivate, same_on_every_process, sum_over_processes
+from dpnf_jax.train import (
+    DPReport,
+    all_processes_agree,
+    dp_fit,
+    fit_nonprivate,
+    raise_together,
+    same_on_every_process,
+    sum_over_processes,
+)
 
 MODEL_FORMAT = "dpnf-jax-model"
 MODEL_VERSION = 1
@@ -196,7 +205,7 @@ class DPFlowSynthesizer:
         delta = default_delta(n) if self.delta is None else self.delta
         if self.epsilon is not None and delta >= 1.0 / n:
             warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: the guarantee is weak", stacklevel=2)
-        saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        saved = self._read_checkpoint(checkpoint_dir, resume)
         noise_seed = self._noise_seed(saved)
         encoder = self._new_encoder(saved)
         prior_events = self._prior_events(saved)
@@ -211,6 +220,14 @@ class DPFlowSynthesizer:
         # so a resume can skip the first and still encode identically.
         x = encoder.encode(df, np.random.default_rng([self.seed, 2]))
         return self._train(encoder, x, n, delta, noise_seed, prior_events, checkpoint_dir, checkpoint_every, resume)
+
+    @staticmethod
+    def _read_checkpoint(checkpoint_dir, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None: start fresh); every process must see the same."""
+        saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        all_processes_agree(json.dumps(saved, sort_keys=True),
+                            f"the checkpoint in {checkpoint_dir} (keep it where every host sees it)")
+        return saved
 
     def _noise_seed(self, saved: dict[str, Any] | None) -> int:
         """The private seed: the checkpoint's, the user's, or 128 OS bits (process 0's on every process)."""
@@ -310,27 +327,36 @@ class DPFlowSynthesizer:
         delta = default_delta(n) if self.delta is None else self.delta
         if delta >= 1.0 / n:
             warnings.warn(f"delta={delta:g} is not below 1/N = {1.0 / n:.3g}: the guarantee is weak", stacklevel=2)
-        saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        saved = self._read_checkpoint(checkpoint_dir, resume)
         noise_seed, released = self._noise_seed(saved), saved is not None and bool(saved.get("extra"))
 
-        # Pass 1: validate everything; count what the histograms need; count clipping.
+        # Pass 1: validate everything; count what the histograms need; count clipping;
+        # hash the contents (a resume must see the same rows).
         encoder = self._new_encoder(saved)
         counting = isinstance(encoder, DPMarginalEncoder) and not released
         counts = None
         clipped = dict.fromkeys((c.name for c in self.schema if isinstance(c, ContinuousColumn)), 0)
+        digest = hashlib.sha256()
         bar = tqdm(total=hi - lo, unit="rows", unit_scale=True, desc="validate + count", disable=not self.verbose,
                    dynamic_ncols=True)
-        for _, frame in scan(table, lo, hi):
-            bar.update(len(frame))
-            if counting:
-                part = encoder.exact_counts(frame)
-                counts = part if counts is None else [a + b for a, b in zip(counts, part)]
-            parsed = self.schema.parse_frame(frame)
-            for column in self.schema:
-                if column.name in clipped:
-                    v = parsed[column.name]
-                    clipped[column.name] += int(np.sum((v < column.lower) | (v > column.upper)))
-        bar.close()
+        error = None
+        try:
+            for _, frame in scan(table, lo, hi):
+                bar.update(len(frame))
+                digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+                if counting:
+                    part = encoder.exact_counts(frame)
+                    counts = part if counts is None else [a + b for a, b in zip(counts, part)]
+                parsed = self.schema.parse_frame(frame)
+                for column in self.schema:
+                    if column.name in clipped:
+                        v = parsed[column.name]
+                        clipped[column.name] += int(np.sum((v < column.lower) | (v > column.upper)))
+        except ValueError as err:
+            error = err
+        finally:
+            bar.close()
+        raise_together(error)  # a bad row on one host stops every host, before anything is spent
         clipped = {k: int(v) for k, v in sum_over_processes(clipped).items()}
         if any(clipped.values()):
             detail = ", ".join(f"{k}={v}" for k, v in clipped.items() if v)
@@ -348,7 +374,7 @@ class DPFlowSynthesizer:
                 warnings.simplefilter("ignore", ClippingWarning)  # counted once, above
                 return encoder.encode(frame, rng)
 
-        rows = StreamRows(table, encode, encoder.dim, seed=self.seed, row_range=(lo, hi))
+        rows = StreamRows(table, encode, encoder.dim, seed=self.seed, row_range=(lo, hi), content_digest=digest.hexdigest())
         return self._train(encoder, rows, n, delta, noise_seed, prior_events, checkpoint_dir, checkpoint_every,
                            resume, prefetch_rows=prefetch_rows)
 

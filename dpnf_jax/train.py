@@ -17,6 +17,7 @@ earlier events (DP histograms), and sigma is calibrated so the total meets the b
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -321,6 +322,7 @@ def dp_fit(
         "data_fingerprint": _global_fingerprint(rows, processes) if checkpoint_dir is not None else None,
     }
     saved = checkpoint.read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+    all_processes_agree(json.dumps(saved, sort_keys=True), f"the checkpoint in {checkpoint_dir} (keep it where every host sees it)")
     if saved is not None:
         _check_resume_plan(saved["plan"], plan, checkpoint_dir)
         if noise_seed is not None and noise_seed != saved["noise_seed"]:
@@ -447,8 +449,9 @@ def _process_layout(rows, mesh) -> tuple[int, np.ndarray]:
                 f"{processes} processes: pass a mesh over all {jax.device_count()} devices "
                 "(jax.make_mesh((jax.device_count(),), ('data',)))"
             )
-        if len({d.process_index for d in mesh.devices.flat}) != processes or jax.device_count() % processes:
-            raise ValueError("every process must contribute the same number of devices to the mesh")
+        per_process = collections.Counter(d.process_index for d in mesh.devices.flat)
+        if len(per_process) != processes or len(set(per_process.values())) != 1:
+            raise ValueError(f"every process must contribute the same number of devices to the mesh, got {dict(per_process)}")
         bounds = sampling.shard_bounds(rows.num_rows, processes)
     expected = (int(bounds[process]), int(bounds[process + 1]))
     if tuple(rows.row_range) != expected:
@@ -479,7 +482,7 @@ def same_on_every_process(noise_seed: int) -> int:
 
 def sum_over_processes(counts: dict[Any, Any]) -> dict[Any, np.ndarray]:
     """Exact integer counts (scalars or arrays, same keys and shapes everywhere) summed over processes."""
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or not counts:
         return {k: np.asarray(v, np.int64) for k, v in counts.items()}
     from jax.experimental import multihost_utils
 
@@ -498,6 +501,31 @@ def sum_over_processes(counts: dict[Any, Any]) -> dict[Any, np.ndarray]:
     return out
 
 
+def all_processes_agree(value: str, what: str) -> None:
+    """Raise on every process unless all processes hold the same ``value`` (a collective)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))
+    if not (every == every[0]).all():
+        differ = [p for p in range(len(every)) if not (every[p] == every[0]).all()]
+        raise ValueError(f"processes {differ} disagree with process 0 on {what}")
+
+
+def raise_together(error: BaseException | None) -> None:
+    """Raise on every process when any failed, so none waits forever in a collective."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.array([error is not None], np.int32))).ravel()
+        if error is None and failed.any():
+            raise ValueError(f"process(es) {np.flatnonzero(failed).tolist()} failed (see their error); stopping too")
+    if error is not None:
+        raise error
+
+
 def _global_fingerprint(rows, processes: int) -> str:
     """The rows' fingerprint; with several processes, that of every shard together."""
     own = rows.fingerprint()
@@ -514,7 +542,13 @@ def _check_resume_plan(saved: dict[str, Any], plan: dict[str, Any], directory) -
     """Refuse to resume when anything privacy-relevant differs from the checkpoint's plan."""
     for key, value in plan.items():
         if saved.get(key) != value:
-            what = "data (fingerprint)" if key == "data_fingerprint" else f"{key} ({saved.get(key)!r} -> {value!r})"
+            if key in ("chunk_size", "prefetch_steps", "processes"):
+                raise ValueError(
+                    f"cannot resume from {directory}: it was made with {key}={saved.get(key)!r}, this run has "
+                    f"{value!r}; resume with the same setting (it fixes how batches are split and fetched)"
+                )
+            what = ("data (fingerprint; for a streamed table also its chunk rows)" if key == "data_fingerprint"
+                    else f"{key} ({saved.get(key)!r} -> {value!r})")
             raise ValueError(
                 f"cannot resume from {directory}: the checkpoint was made with other {what}; resuming would "
                 "change the privacy plan or reuse its noise on other data. Start a new run in a fresh directory."

@@ -117,7 +117,8 @@ class TableFile:
     def _check_columns(self, path: Path) -> None:
         columns = self._columns(path)
         missing = [n for n in self.schema.names if n not in columns]
-        extra = [n for n in columns if n not in self.schema.names]
+        # pandas' stored index ("__index_level_0__") is bookkeeping, not a column of the table.
+        extra = [n for n in columns if n not in self.schema.names and not n.startswith("__index_level_")]
         if missing:
             raise ValueError(f"{path}: column(s) {missing} of the schema are missing")
         if extra and not self.allow_extra_columns:
@@ -137,7 +138,7 @@ class TableFile:
     def _count_csv_rows(self, path: Path) -> int:
         """Data rows of a CSV: a byte scan for newlines when nothing is quoted (so no field
         can hold a line break), else a chunked pandas pass over one column."""
-        if not path.suffix.lower() == ".gz":
+        if path.suffix.lower() == ".csv":  # compressed files are counted by the parser
             lines, last, quoted = 0, b"\n", False
             with open(path, "rb") as handle:
                 while block := handle.read(1 << 24):
@@ -150,7 +151,8 @@ class TableFile:
                 lines += last != b"\n"  # a last line without a newline
                 return max(lines - 1, 0)  # minus the header
         first = self.schema.names[0]
-        chunks = pd.read_csv(path, usecols=[first], dtype="string", chunksize=self.chunk_rows, skipinitialspace=True)
+        chunks = pd.read_csv(path, usecols=[first], dtype="string", chunksize=self.chunk_rows, skipinitialspace=True,
+                             skip_blank_lines=False)
         return sum(len(c) for c in chunks)
 
     @property
@@ -185,19 +187,29 @@ class TableFile:
                 return
 
     def _csv_frames(self, path: Path, lo: int, hi: int) -> Iterator[tuple[int, pd.DataFrame]]:
+        # Rows are numbered by this reader itself from the top of the file (blank lines are
+        # rows, as the row count has them), never by skipping physical lines: an index
+        # must name the same row on every pass, whatever the first wanted row.
         names = list(self.schema.names)
         reader = pd.read_csv(
             path, dtype=text_dtypes(self.schema), skipinitialspace=True, chunksize=self.chunk_rows, usecols=names,
-            skiprows=(lambda i: 0 < i <= lo) if lo else None,  # skipped lines are not parsed
+            skip_blank_lines=False,
         )
-        first = lo
+        first = 0
         try:
             for frame in reader:
                 if first >= hi:
                     break
-                frame = frame.iloc[: hi - first]
-                yield first, frame[names].reset_index(drop=True)
+                start, stop = max(lo - first, 0), min(hi - first, len(frame))
+                if start < stop:
+                    part = frame.iloc[start:stop]
+                    blank = part.isna().all(axis=1).to_numpy()
+                    if blank.any():
+                        raise ValueError(f"{path}: row {first + start + int(np.argmax(blank))} is a blank line")
+                    yield first + start, part[names].reset_index(drop=True)
                 first += len(frame)
+            if first < hi:
+                raise ValueError(f"{path}: the file ended after {first} rows, {hi} were counted: was it changed?")
         except (pd.errors.ParserError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: cannot parse CSV near row {first} ({err})") from err
         finally:
@@ -312,6 +324,9 @@ class StreamRows:
         (and a resumed run redoes the same encoding).
       row_range: the global rows this process reads (default all; a host of several
         reads its shard, see :func:`dpnf_jax.privacy.sampling.shard_bounds`).
+      content_digest: a hash of the rows' contents (``fit_stream`` computes one in its
+        validating pass); without it the fingerprint that guards a resume sees only the
+        files' paths, sizes and modification times.
     """
 
     def __init__(
@@ -322,8 +337,10 @@ class StreamRows:
         *,
         seed: int = 0,
         row_range: tuple[int, int] | None = None,
+        content_digest: str | None = None,
     ):
         self.table = table
+        self.content_digest = content_digest
         self.encode = encode
         self.dim = int(dim)
         self.seed = int(seed)
@@ -335,7 +352,9 @@ class StreamRows:
         self.rows_encoded = 0
 
     def fingerprint(self) -> str:
-        return f"{self.table.fingerprint()}@{self.row_range}"
+        # The chunking keys the encoding randomness, so it is part of what a resume must match.
+        content = f"#{self.content_digest}" if self.content_digest else ""
+        return f"{self.table.fingerprint()}@{self.row_range}/chunk_rows={self.table.chunk_rows}{content}"
 
     def gather(self, index_sets: Sequence[np.ndarray], group: int = 0) -> list[np.ndarray]:
         """One pass over the shard; only the requested rows are encoded and kept."""
