@@ -133,3 +133,28 @@ def test_cli_on_two_hosts_streams_shards_and_releases_histograms_once(tmp_path):
     assert two["encoder"]["noisy_counts"] == one["encoder"]["noisy_counts"]
     assert two["report"]["epsilon"] == one["report"]["epsilon"] <= 2.0
     assert {p.name for p in (tmp_path / "two").iterdir()} == {"model", "synthetic.csv", "privacy.json", "schema.json"}
+
+
+def test_a_bad_row_on_one_host_stops_both_hosts(tmp_path):
+    """Host 1's shard holds an unknown category: host 1 names it, host 0 stops too (no hang),
+    and nothing is written."""
+    from dpnf_jax.datasets import adult_schema, load_adult
+
+    rows = load_adult()[0].head(600)
+    rows["workclass"] = rows["workclass"].astype(object)
+    rows.loc[rows.index[500], "workclass"] = "Astronaut"
+    rows.to_parquet(tmp_path / "t.parquet", row_group_size=100)
+    adult_schema().to_json(tmp_path / "s.json")
+    address = f"127.0.0.1:{_free_port()}"
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "dpnf_jax.cli", "train", "--data", str(tmp_path / "t.parquet"),
+                          "--schema", str(tmp_path / "s.json"), "--out", str(tmp_path / "out"), "--quiet",
+                          "--coordinator", address, "--num-processes", "2", "--process-id", str(i)],
+                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in (0, 1)
+    ]
+    errors = [w.communicate(timeout=300)[1] for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], errors
+    assert "Astronaut" in errors[1] and "workclass" in errors[1]
+    assert "process(es) [1] failed" in errors[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
