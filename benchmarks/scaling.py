@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.devices:
         devices_env = dict(env)
         if args.platform == "cpu":
-            devices_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(args.devices)}"
+            forced = f"--xla_force_host_platform_device_count={max(args.devices)}"
+            devices_env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {forced}".strip()
         result["devices"] = _run_worker([*passthrough, "--worker", "devices"], devices_env)
         print(f"devices done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     result["stream"] = []

@@ -103,7 +103,7 @@ def test_scaling_benchmark_tiny(tmp_path):
     """benchmarks/scaling.py end to end on a tiny flow: devices 1 and 2 (forced host devices,
     an Auto-axes mesh), one small streamed table; JSON, table and plot are written."""
     pytest.importorskip("pyarrow")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     args = ["--devices", "1", "2", "--stream-rows", "3000", "--stream-steps", "12", "--batch", "64",
             "--prefetch-rows", "256", "--repeats", "2", "--blocks", "2", "--width", "16",
             "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--suffix", "test"]
