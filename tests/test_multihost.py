@@ -66,6 +66,15 @@ def _env(devices: int) -> dict:
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
+def _two_processes(command) -> list[tuple[int, str]]:
+    """Run ``command(process_id, coordinator_address)`` as 2 processes of 2 CPU devices each;
+    their (exit code, stderr)."""
+    address = f"127.0.0.1:{_free_port()}"
+    workers = [subprocess.Popen([sys.executable, *command(i, address)], env=_env(2), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    return [(w.returncode, err) for w in workers for _, err in [w.communicate(timeout=600)]]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
@@ -74,15 +83,9 @@ def runs(tmp_path_factory):
     single = subprocess.run([sys.executable, str(script), "single", str(root / "single.json")], env=_env(4),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    address = f"127.0.0.1:{_free_port()}"
-    workers = [
-        subprocess.Popen([sys.executable, str(script), "multi", str(root / f"multi-{i}.json"), address, str(i)],
-                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in (0, 1)
-    ]
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-3000:]
+    for code, err in _two_processes(lambda i, address: [str(script), "multi", str(root / f"multi-{i}.json"), address,
+                                                         str(i)]):
+        assert code == 0, err[-3000:]
     return [json.loads((root / name).read_text()) for name in ("single.json", "multi-0.json", "multi-1.json")]
 
 
@@ -121,16 +124,10 @@ def test_cli_on_two_hosts_streams_shards_and_releases_histograms_once(tmp_path):
               "--noise-seed", "5", "--epochs", "1", "--blocks", "2", "--hidden", "8", "--batch-size", "100",
               "--rows", "50", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    address = f"127.0.0.1:{_free_port()}"
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "dpnf_jax.cli", *common, "--out", str(tmp_path / "two"),
-                          "--coordinator", address, "--num-processes", "2", "--process-id", str(i)],
-                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in (0, 1)
-    ]
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-3000:]
+    for code, err in _two_processes(lambda i, address: ["-m", "dpnf_jax.cli", *common, "--out", str(tmp_path / "two"),
+                                                         "--coordinator", address, "--num-processes", "2",
+                                                         "--process-id", str(i)]):
+        assert code == 0, err[-3000:]
     one, two = (json.loads((tmp_path / d / "model" / "dpnf_model.json").read_text()) for d in ("one", "two"))
     assert two["encoder"]["noisy_counts"] == one["encoder"]["noisy_counts"]
     assert two["report"]["epsilon"] == one["report"]["epsilon"] <= 2.0
@@ -147,16 +144,12 @@ def test_a_bad_row_on_one_host_stops_both_hosts(tmp_path):
     rows.loc[rows.index[500], "workclass"] = "Astronaut"
     rows.to_parquet(tmp_path / "t.parquet", row_group_size=100)
     adult_schema().to_json(tmp_path / "s.json")
-    address = f"127.0.0.1:{_free_port()}"
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "dpnf_jax.cli", "train", "--data", str(tmp_path / "t.parquet"),
-                          "--schema", str(tmp_path / "s.json"), "--out", str(tmp_path / "out"), "--quiet",
-                          "--coordinator", address, "--num-processes", "2", "--process-id", str(i)],
-                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in (0, 1)
-    ]
-    errors = [w.communicate(timeout=300)[1] for w in workers]
-    assert [w.returncode for w in workers] == [2, 2], errors
+    results = _two_processes(lambda i, address: [
+        "-m", "dpnf_jax.cli", "train", "--data", str(tmp_path / "t.parquet"), "--schema", str(tmp_path / "s.json"),
+        "--out", str(tmp_path / "out"), "--quiet", "--coordinator", address, "--num-processes", "2",
+        "--process-id", str(i)])
+    errors = [err for _, err in results]
+    assert [code for code, _ in results] == [2, 2], errors
     assert "Astronaut" in errors[1] and "workclass" in errors[1]
     assert "process(es) [1] failed" in errors[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
