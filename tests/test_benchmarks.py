@@ -19,21 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from report_numbers import numbers
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--dim", "5", "--width", "16", "--blocks", "2", "--batch-sizes", "32", "--widths", "--depths",
         "--profile-batches", "--repeats", "2", "--memory-methods", "nonprivate", "fast", "--suffix", "test"]
-
-
-def _numbers(obj):
-    if isinstance(obj, dict):
-        for value in obj.values():
-            yield from _numbers(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            yield from _numbers(value)
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield obj
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +42,7 @@ def test_structure_and_finite_numbers(results):
     data, out = results
     assert {"environment", "settings", "methods", "points", "check", "targets", "wall_s"} <= set(data)
     assert data["environment"]["platform"] == "cpu" and data["environment"]["device_kind"]
-    assert all(math.isfinite(x) for x in _numbers(data))
+    assert all(math.isfinite(x) for x in numbers(data))
     (point,) = data["points"]
     assert point["batch"] == 32 and point["sweeps"] == ["batch"]
     assert set(point["methods"]) == set(data["methods"]) == {
@@ -111,7 +101,7 @@ def test_scaling_benchmark_tiny(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "scaling_cpu_test.json").read_text())
-    assert all(math.isfinite(x) for x in _numbers(data))
+    assert all(math.isfinite(x) for x in numbers(data))
     points = data["devices"]["points"]
     assert [(p["devices"], p["mesh"]) for p in points] == [(1, False), (1, True), (2, True)]
     assert all(p["rows_per_s"] > 0 for p in points)

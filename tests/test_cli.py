@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+from report_numbers import numbers
 
 from dpnf_jax.cli import main, read_csv
 from dpnf_jax.datasets import adult_schema, load_adult
@@ -35,17 +36,6 @@ def trained(files):
     return out
 
 
-def _finite_numbers(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _finite_numbers(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _finite_numbers(v)
-    elif isinstance(obj, float):
-        yield obj
-
-
 def test_train_writes_everything(trained):
     assert {p.name for p in trained.iterdir()} == {"model", "synthetic.csv", "privacy.json", "schema.json", "report"}
     synthetic = pd.read_csv(trained / "synthetic.csv")
@@ -55,8 +45,8 @@ def test_train_writes_everything(trained):
     report = trained / "report"
     assert {p.name for p in report.iterdir()} == {"metrics.json", "report.md", "marginals.png", "correlations.png"}
     metrics = json.loads((report / "metrics.json").read_text())
-    numbers = list(_finite_numbers(metrics["summary"]))
-    assert numbers and all(math.isfinite(x) for x in numbers)
+    values = list(numbers(metrics["summary"]))
+    assert values and all(math.isfinite(x) for x in values)
     assert metrics["summary"]["tstr_auc_hgb"] is not None
 
 
