@@ -377,7 +377,6 @@ def dp_fit(
     lo, hi = int(bounds[process]), int(bounds[process + 1])
     bar = tqdm(desc="DP-SGD", disable=not show, dynamic_ncols=True, initial=start, total=steps)
     eps_now = accounting.epsilon_of_events([e for _, e in prior], delta, accountant) if (show and prior) else 0.0
-    step = start
     for group_start in range(start - start % group, steps, group):
         group_steps = range(group_start, min(group_start + group, steps))
         batches = [sampler.indices(t) for t in group_steps]

@@ -90,7 +90,7 @@ def test_scan_names_rows_column_and_value(files, tmp_path):
     table = TableFile(tmp_path / "bad.csv", SCHEMA, chunk_rows=100)
     seen = []
     with pytest.raises(ValueError, match=r"bad.csv, rows 300\.\.399: .*'c'.*'w'") as err:
-        for first, _ in scan(table):
+        for first, _, _ in scan(table):
             seen.append(first)
     assert seen == [0, 100, 200]  # everything before the bad chunk was valid
     assert "w" in str(err.value)

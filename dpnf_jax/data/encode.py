@@ -396,7 +396,9 @@ def n_codes(column: Column, n_bins: int = 20) -> int:
     return len(column.categories) + column.nullable
 
 
-def discretize(df: pd.DataFrame, schema: Schema, n_bins: int = 20) -> pd.DataFrame:
+def discretize(
+    df: pd.DataFrame, schema: Schema, n_bins: int = 20, parsed: dict[str, np.ndarray] | None = None
+) -> pd.DataFrame:
     """Maps a frame to integer codes on schema-derived bins (for marginals / TVD).
 
     Codes per column: categorical / ordinal -> category index; continuous -> point
@@ -408,11 +410,12 @@ def discretize(df: pd.DataFrame, schema: Schema, n_bins: int = 20) -> pd.DataFra
       df: [n rows] frame fitting the schema.
       schema: the public schema.
       n_bins: bins per continuous column.
+      parsed: ``schema.parse_frame(df)`` when the caller already has it.
 
     Returns:
       DataFrame [n rows] of int64 codes, same columns (schema order) and index as `df`.
     """
-    parsed = schema.parse_frame(df)
+    parsed = schema.parse_frame(df) if parsed is None else parsed
     data = {}
     for column in schema:
         values = parsed[column.name]

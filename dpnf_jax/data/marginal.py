@@ -118,13 +118,14 @@ class DPMarginalEncoder:
         """Like :meth:`fit` with an explicit noise multiplier; returns its DP event."""
         return self.release(self.exact_counts(df), noise_multiplier, rng)
 
-    def exact_counts(self, df: pd.DataFrame) -> list[np.ndarray]:
+    def exact_counts(self, df: pd.DataFrame, parsed: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """The exact (NOT private) histogram counts of ``df``, one array per column.
 
         Counts add up over disjoint chunks of rows, so a table larger than memory is
         counted chunk by chunk (and over hosts) before ONE noisy :meth:`release`.
+        ``parsed`` is ``schema.parse_frame(df)`` if the caller already has it.
         """
-        codes = discretize(df, self.schema, self.n_bins)
+        codes = discretize(df, self.schema, self.n_bins, parsed)
         return [
             np.bincount(codes[c.name].to_numpy(), minlength=n_codes(c, self.n_bins)).astype(np.int64)
             for c in self.schema

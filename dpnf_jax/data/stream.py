@@ -239,19 +239,24 @@ class TableFile:
                 return
 
 
-def scan(table: TableFile, start: int = 0, stop: int | None = None, *, strict: bool = False) -> Iterator[tuple[int, pd.DataFrame]]:
+def scan(
+    table: TableFile, start: int = 0, stop: int | None = None, *, strict: bool = False
+) -> Iterator[tuple[int, pd.DataFrame, dict[str, np.ndarray]]]:
     """:meth:`TableFile.frames`, each checked against the schema first.
 
+    Yields ``(first global row, frame, parsed)`` with ``parsed`` the frame's
+    ``Schema.parse_frame`` (so counting and clipping need not parse it again).
+
     Raises:
-      ValueError: as ``Schema.validate_frame`` does (naming the column and the value),
+      ValueError: as ``Schema.parse_frame`` does (naming the column and the value),
         prefixed with the rows and file of the offending chunk.
     """
     for first, frame in table.frames(start, stop):
         try:
-            table.schema.validate_frame(frame, strict=strict)
+            parsed = table.schema.parse_frame(frame, strict=strict)
         except ValueError as err:
             raise ValueError(f"{_describe(table)}, rows {first}..{first + len(frame) - 1}: {err}") from err
-        yield first, frame
+        yield first, frame, parsed
 
 
 def _describe(table: TableFile) -> str:
