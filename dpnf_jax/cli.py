@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -141,8 +142,8 @@ def load_schema_events(schema_path: str, schema: Schema, args: argparse.Namespac
 
     path = Path(str(schema_path) + ".events.json")
     if not path.is_file():
-        if schema.provenance == "dp":
-            print(f"warning: schema {schema_path} has provenance 'dp' but {path} is missing: the cost "
+        if schema.provenance in ("dp", "dp-guessed-kinds"):
+            print(f"warning: schema {schema_path} has provenance {schema.provenance!r} but {path} is missing: the cost "
                   "of discovering it is NOT included in epsilon", file=sys.stderr)
         return []
     try:
@@ -186,7 +187,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
         unknown = sorted(declared - set(header))
         if unknown:
             raise CLIError(f"column(s) {unknown} given on the command line are not in {args.data}")
-        df = pd.read_csv(args.data, dtype={c: "string" for c in categorical}, skipinitialspace=True)
+        # Declared columns are read as text: their kind, integer flag and nullability come
+        # from the declarations, never from how the private values happen to read.
+        df = pd.read_csv(args.data, dtype={c: "string" for c in declared}, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise CLIError(f"data file {args.data}: cannot parse CSV ({err})") from err
     undeclared = [c for c in df.columns if c not in declared]
@@ -196,25 +199,28 @@ def cmd_schema(args: argparse.Namespace) -> int:
     if undeclared:
         print(f"warning: the kinds of column(s) {undeclared} come from pandas' reading of the CSV text "
               "(numbers vs text, integers vs decimals), which is NOT differentially private; declare "
-              "them with --categorical / --continuous / --integer to avoid this", file=sys.stderr)
+              "them with --categorical / --continuous / --integer to avoid this (the schema is marked "
+              "provenance 'dp-guessed-kinds' and the privacy report says so)", file=sys.stderr)
     delta = args.delta if args.delta is not None else default_delta(len(df)) / 10
     details = {}
     schema, events = infer_dp_schema(
         df, args.epsilon, delta,
         coarse_bounds=bounds, default_range=tuple(args.default_range), quantiles=tuple(args.quantiles),
         grid=args.grid, n_bins=args.bins, categorical_columns=categorical,
-        continuous_columns=[c for c in {*continuous, *bounds} if c not in categorical],
+        continuous_columns=[c for c in {*continuous, *bounds, *integer} if c not in categorical],
         integer_columns=integer, max_categories=args.max_categories,
         other_label=None if args.no_other else "__other__", selection_delta=args.selection_delta,
         nullable=args.nullable, rng=args.seed, details=details,
     )
+    if undeclared:
+        schema = dataclasses.replace(schema, provenance="dp-guessed-kinds")
     # Events first: a schema file never exists without the record of what it cost.
     atomic_write(events_path, json.dumps(events_file_dict(events, args.epsilon, delta), indent=2))
     schema.to_json(out)
     spent = epsilon_of_events([e for _, e in events], delta) if events else 0.0
     kinds = [c.kind for c in schema]
     _say(args, f"wrote {out} ({len(schema)} columns: {kinds.count('continuous')} continuous, "
-         f"{kinds.count('categorical')} categorical; provenance 'dp') and {events_path}")
+         f"{kinds.count('categorical')} categorical; provenance {schema.provenance!r}) and {events_path}")
     _say(args, f"schema discovery spent epsilon={spent:.4g} at delta={delta:.3g}; `dpnf train --schema {out}` "
          "composes these events with training (train on the same rows, with --delta >= this delta)")
     if details.get("selection_threshold") is not None:

@@ -341,13 +341,12 @@ class DPFlowSynthesizer:
                    dynamic_ncols=True)
         error = None
         try:
-            for _, frame in scan(table, lo, hi):
+            for _, frame, parsed in scan(table, lo, hi):
                 bar.update(len(frame))
                 digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
                 if counting:
-                    part = encoder.exact_counts(frame)
+                    part = encoder.exact_counts(frame, parsed)
                     counts = part if counts is None else [a + b for a, b in zip(counts, part)]
-                parsed = self.schema.parse_frame(frame)
                 for column in self.schema:
                     if column.name in clipped:
                         v = parsed[column.name]
@@ -439,6 +438,12 @@ class DPFlowSynthesizer:
             notes.append(
                 "The schema has provenance 'dp' but no schema_events were given: the privacy "
                 "cost of discovering it is NOT included in epsilon."
+            )
+        elif self.schema.provenance == "dp-guessed-kinds":
+            notes.append(
+                "The schema's bounds and categories were released under DP, but the kinds of some columns "
+                "(text or number, integer, nullable) were guessed from the private values (`dpnf schema` "
+                "without declaring them): the guarantee does NOT cover those kinds."
             )
         elif not covers_schema:
             notes.append(

@@ -333,3 +333,46 @@ def test_cli_schema_bad_input(tmp_path, capsys):
     # Undeclared kinds work but say that pandas read them off the CSV text.
     assert main([*base, "--epsilon", "1", "--seed", "0", "--quiet"]) == 0
     assert "NOT differentially private" in capsys.readouterr().err
+
+
+def test_cli_declared_kinds_do_not_depend_on_how_values_read(tmp_path):
+    """Neighbouring CSVs (one row's "score" or "age" rewritten as 2.5 or left empty) give
+    the same kinds, integer flags and nullability for declared columns: they come from the
+    declarations, not from pandas' guess at the text."""
+    df = _frame(n_rare=0)
+    variants = {"same": df.astype({"score": object})}
+    decimal = variants["same"].copy()
+    decimal["age"] = decimal["age"].astype(object)
+    decimal.loc[0, "age"] = 2.5
+    variants["decimal"] = decimal
+    empty = variants["same"].copy()
+    empty.loc[0, "score"] = None
+    variants["empty"] = empty
+    flags = {}
+    for name, frame in variants.items():
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        out = tmp_path / f"{name}.json"
+        assert main(["schema", "--data", str(tmp_path / f"{name}.csv"), "--epsilon", "1", "--categorical", "colour",
+                     "--integer", "age", "--continuous", "score", "--seed", "0", "--quiet", "--out", str(out)]) == 0
+        schema = Schema.from_json(out)
+        assert schema.provenance == "dp"
+        flags[name] = [(c.name, c.kind, getattr(c, "integer", None), c.nullable) for c in schema]
+    assert flags["same"] == flags["decimal"] == flags["empty"]
+    assert ("age", "continuous", True, True) in flags["same"]
+
+
+def test_cli_guessed_kinds_are_not_claimed_as_covered(tmp_path, capsys):
+    from dpnf_jax.synthesizer import DPFlowSynthesizer
+
+    _frame(n_rare=0).to_csv(tmp_path / "x.csv", index=False)
+    out = tmp_path / "s.json"
+    assert main(["schema", "--data", str(tmp_path / "x.csv"), "--epsilon", "1", "--categorical", "colour",
+                 "--seed", "0", "--quiet", "--out", str(out)]) == 0  # age and score: kinds guessed
+    schema = Schema.from_json(out)
+    assert schema.provenance == "dp-guessed-kinds" and not schema.covers_schema_privacy
+    events = events_from_dicts(json.loads((tmp_path / "s.json.events.json").read_text()))
+    synth = DPFlowSynthesizer(schema, schema_events=events)
+    synth.params, synth.num_rows = {}, 500  # stands in for a fit: the report reads only the settings
+    report = synth.privacy_report()
+    assert not report["guarantee_covers_schema"]
+    assert any("guessed from the private values" in note for note in report["notes"])

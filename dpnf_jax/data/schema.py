@@ -24,7 +24,9 @@ import pandas as pd
 
 from dpnf_jax.fileio import atomic_write
 
-PROVENANCES = ("public", "nonprivate-inference", "dp")
+# "dp-guessed-kinds": bounds and categories released under DP, but the kind of some
+# columns (text or number, integer, nullable) guessed from how the values read.
+PROVENANCES = ("public", "nonprivate-inference", "dp", "dp-guessed-kinds")
 
 
 def _is_real(value: Any) -> bool:
@@ -330,7 +332,8 @@ class Schema:
     Attributes:
       columns: the columns, in table order.
       provenance: where the schema came from: "public" (domain knowledge), "dp"
-        (discovered under differential privacy, accounted for) or
+        (discovered under differential privacy, accounted for), "dp-guessed-kinds"
+        (the same, but some columns' kinds guessed from the values: not covered) or
         "nonprivate-inference" (read off the rows: not private).
     """
 
@@ -363,7 +366,7 @@ class Schema:
     @property
     def covers_schema_privacy(self) -> bool:
         """True when the schema itself costs no unaccounted privacy ("public" or "dp")."""
-        return self.provenance != "nonprivate-inference"
+        return self.provenance in ("public", "dp")
 
     def __getitem__(self, name: str) -> Column:
         for column in self.columns:

@@ -18,7 +18,8 @@ What is public and what is private
 * Each continuous column's coarse range ``(lo, hi)`` is public: from ``coarse_bounds``
   or ``default_range`` (``(-1e9, 1e9)``). Values are clipped to it, so the discovered
   bounds always lie inside it.
-* The number of rows is not used (it is not public under add/remove-one).
+* The release itself never uses the number of rows (elsewhere the library treats N as
+  public, e.g. for the default delta; see the README).
 
 Mechanism: one Gaussian release of per-column histograms
 ---------------------------------------------------------
