@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,14 @@ def save_checkpoint(directory: str | Path, *, params, opt_state, meta: dict[str,
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     stage = new_staging_dir(directory)
     try:
+        os.chmod(stage, 0o700)  # it holds the secret noise seed: owner only, whatever the umask
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         atomic_write(stage / _ARRAYS, buffer.getvalue())
         body = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "num_leaves": len(leaves), **meta}
         atomic_write(stage / _META, json.dumps(body, indent=2))
+        for name in (_ARRAYS, _META):
+            os.chmod(stage / name, 0o600)
         return publish_dir(stage, directory)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

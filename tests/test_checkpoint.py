@@ -42,6 +42,9 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
         dp_fit(CONFIG, x, **FIT, checkpoint_dir=tmp_path / "ck", checkpoint_every=5, callback=stop_after_seven)
     meta = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
     assert meta["step"] == 5
+    # It holds the secret noise seed: readable by its owner only.
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ck").iterdir()} == {0o600}
     resumed, report = dp_fit(CONFIG, x, **FIT, checkpoint_dir=tmp_path / "ck", checkpoint_every=5, resume=True)
     _assert_same_params(reference, resumed)
     assert report.epsilon == reference_report.epsilon
