@@ -322,6 +322,8 @@ class DPFlowSynthesizer:
         if table.schema != self.schema:
             raise ValueError("the TableFile was made with another schema than the synthesizer's")
         n = table.num_rows
+        # Overlapping shards would count a row twice in the summed histograms.
+        all_processes_agree(str(n), "the number of rows N of the table")
         processes, process = jax.process_count(), jax.process_index()
         lo, hi = (int(b) for b in shard_bounds(n, processes)[process : process + 2])
         delta = default_delta(n) if self.delta is None else self.delta

@@ -276,6 +276,9 @@ def dp_fit(
     if rows.dim != config.dim:
         raise ValueError(f"x must have shape [N, {config.dim}], got rows of width {rows.dim}")
     num_rows = int(rows.num_rows)
+    # Hosts that disagree on N would cut overlapping shards and sample with different q:
+    # a row could then join a step twice while the noise is calibrated for once.
+    all_processes_agree(str(num_rows), "the number of rows N of the table")
     process, bounds = _process_layout(rows, mesh)
     if not (isinstance(batch_size, (int, np.integer)) and 1 <= batch_size <= num_rows):
         raise ValueError(f"batch_size must be an integer in [1, {num_rows}], got {batch_size!r}")
@@ -321,6 +324,7 @@ def dp_fit(
         "prior_events": [{"label": label, **accounting.event_to_dict(e)} for label, e in prior],
         "data_fingerprint": _global_fingerprint(rows, processes) if checkpoint_dir is not None else None,
     }
+    all_processes_agree(json.dumps(plan, sort_keys=True), "the training plan (privacy settings, sampling, flow, prior events)")
     saved = checkpoint.read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
     all_processes_agree(json.dumps(saved, sort_keys=True), f"the checkpoint in {checkpoint_dir} (keep it where every host sees it)")
     if saved is not None:

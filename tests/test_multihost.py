@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -66,13 +67,28 @@ def _env(devices: int) -> dict:
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
-def _two_processes(command) -> list[tuple[int, str]]:
-    """Run ``command(process_id, coordinator_address)`` as 2 processes of 2 CPU devices each;
-    their (exit code, stderr)."""
+def _two_processes(command, extra_env=lambda i, address: {}, timeout: float = 600) -> list[tuple[int, str]]:
+    """Run ``command(process_id, coordinator_address)`` as 2 processes of 2 CPU devices each
+    (with ``extra_env(process_id, address)`` added to the environment); their (exit code,
+    stderr). A hang (say, a host waiting for a broadcast that never comes) fails the test
+    within ``timeout`` seconds in all, and kills both processes."""
     address = f"127.0.0.1:{_free_port()}"
-    workers = [subprocess.Popen([sys.executable, *command(i, address)], env=_env(2), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-    return [(w.returncode, err) for w in workers for _, err in [w.communicate(timeout=600)]]
+    workers = [subprocess.Popen([sys.executable, *command(i, address)], env={**_env(2), **extra_env(i, address)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for worker in workers:
+            _, err = worker.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append((worker.returncode, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the two processes did not finish within {timeout} s (a host hung)")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +128,10 @@ def test_hosts_share_process_zeros_noise_seed(runs):
 
 
 def test_cli_on_two_hosts_streams_shards_and_releases_histograms_once(tmp_path):
-    """`dpnf train --coordinator ... --process-id I` on two processes: each streams its half
-    of a Parquet file; the histogram counts are summed over hosts before the noise, so
-    they equal a one-process run's with the same noise seed; process 0 alone writes."""
+    """`dpnf train` on two processes (process 0 told its place by flags, process 1 by the
+    DPNF_* environment): each streams its half of a Parquet file; the histogram counts are
+    summed over hosts before the noise, so they equal a one-process run's with the same
+    noise seed, as does the privacy spent; process 0 alone writes."""
     from dpnf_jax.cli import main
     from dpnf_jax.datasets import adult_schema, load_adult
 
@@ -124,13 +141,18 @@ def test_cli_on_two_hosts_streams_shards_and_releases_histograms_once(tmp_path):
               "--noise-seed", "5", "--epochs", "1", "--blocks", "2", "--hidden", "8", "--batch-size", "100",
               "--rows", "50", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    for code, err in _two_processes(lambda i, address: ["-m", "dpnf_jax.cli", *common, "--out", str(tmp_path / "two"),
-                                                         "--coordinator", address, "--num-processes", "2",
-                                                         "--process-id", str(i)]):
+    flags = lambda i, address: ["--coordinator", address, "--num-processes", "2", "--process-id", "0"] if i == 0 else []
+    environment = lambda i, address: {"DPNF_COORDINATOR": address, "DPNF_NUM_PROCESSES": "2",
+                                      "DPNF_PROCESS_ID": "1"} if i == 1 else {}
+    results = _two_processes(lambda i, address: ["-m", "dpnf_jax.cli", *common, "--out", str(tmp_path / "two"),
+                                                 *flags(i, address)], extra_env=environment)
+    for code, err in results:
         assert code == 0, err[-3000:]
     one, two = (json.loads((tmp_path / d / "model" / "dpnf_model.json").read_text()) for d in ("one", "two"))
     assert two["encoder"]["noisy_counts"] == one["encoder"]["noisy_counts"]
     assert two["report"]["epsilon"] == one["report"]["epsilon"] <= 2.0
+    # (The parameters are not compared: a streamed row's public dequantisation noise is keyed
+    # by the read chunk and prefetch group, which depend on the host layout.)
     assert {p.name for p in (tmp_path / "two").iterdir()} == {"model", "synthetic.csv", "privacy.json", "schema.json"}
 
 
@@ -153,3 +175,32 @@ def test_a_bad_row_on_one_host_stops_both_hosts(tmp_path):
     assert "Astronaut" in errors[1] and "workclass" in errors[1]
     assert "process(es) [1] failed" in errors[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_hosts_that_disagree_on_the_row_count_stop_before_anything_is_spent(tmp_path):
+    """Hosts counting different N would cut overlapping shards and sample with different q
+    (a row could join a step twice while the noise is calibrated for once): both refuse."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(
+        """
+        import sys
+        import jax
+        jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+        import numpy as np
+        from dpnf_jax.data.stream import ArrayRows
+        from dpnf_jax.flows.model import FlowConfig
+        from dpnf_jax.privacy.sampling import shard_bounds
+        from dpnf_jax.train import dp_fit
+
+        p = jax.process_index()
+        n = 401 if p == 0 else 399  # host 1 sees a stale, shorter copy of the table
+        lo, hi = shard_bounds(n, 2)[p : p + 2]
+        x = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
+        dp_fit(FlowConfig(dim=3, num_blocks=1, hidden=(4,)), ArrayRows(x[lo:hi], num_rows=n, row_offset=int(lo)),
+               epsilon=2.0, delta=1e-4, epochs=1, batch_size=40, verbose=False, mesh=jax.make_mesh((4,), ("data",)))
+        """
+    ))
+    results = _two_processes(lambda i, address: [str(script), address, str(i)], timeout=300)
+    for code, err in results:
+        assert code != 0
+        assert "disagree with process 0 on the number of rows N" in err, err[-3000:]
