@@ -221,12 +221,25 @@ class DPFlowSynthesizer:
         x = encoder.encode(df, np.random.default_rng([self.seed, 2]))
         return self._train(encoder, x, n, delta, noise_seed, prior_events, checkpoint_dir, checkpoint_every, resume)
 
-    @staticmethod
-    def _read_checkpoint(checkpoint_dir, resume: bool) -> dict[str, Any] | None:
-        """The checkpoint to resume from (None: start fresh); every process must see the same."""
+    def _read_checkpoint(self, checkpoint_dir, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None: start fresh); every process must see the same.
+
+        The checkpoint's released histograms and prior events are reused, never spent
+        again, so a resume is refused unless it was made with this synthesizer's schema
+        and schema events (the report would otherwise list events the spent epsilon
+        does not include, or the bounds would change mid-run).
+        """
         saved = read_checkpoint_meta(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
         all_processes_agree(json.dumps(saved, sort_keys=True),
                             f"the checkpoint in {checkpoint_dir} (keep it where every host sees it)")
+        if saved is not None:
+            extra = saved.get("extra") or {}
+            as_saved = lambda value: json.loads(json.dumps(value))  # noqa: E731 (tuples become lists, as in the file)
+            if extra.get("schema") != as_saved(self.schema.to_dict()):
+                raise ValueError(f"cannot resume from {checkpoint_dir}: it was made with another schema")
+            if extra.get("schema_events") != as_saved(events_to_dicts(self.schema_events)):
+                raise ValueError(f"cannot resume from {checkpoint_dir}: it was made with other schema_events "
+                                 "(the privacy spent on the schema)")
         return saved
 
     def _noise_seed(self, saved: dict[str, Any] | None) -> int:
@@ -255,6 +268,8 @@ class DPFlowSynthesizer:
         extra = {
             "encoder": encoder.to_dict(),
             "prior_events": [{"label": label, **event_to_dict(e)} for label, e in prior_events],
+            "schema": self.schema.to_dict(),
+            "schema_events": events_to_dicts(self.schema_events),
         }
         if jax.process_count() > 1 and isinstance(x, np.ndarray):
             # Every process was given the whole table: each feeds DP-SGD its own shard.

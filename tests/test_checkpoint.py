@@ -81,6 +81,33 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     _assert_same_params(a, b)
 
 
+def test_synthesizer_resume_refuses_another_schema_or_other_schema_events(tmp_path):
+    """The checkpoint's prior events are reused, not spent again: a resume under other
+    schema events would report events the spent epsilon does not include."""
+    import dp_accounting
+
+    from dpnf_jax import DPFlowSynthesizer, Schema
+    from dpnf_jax.datasets import adult_schema, load_adult
+
+    rows = load_adult()[0].head(300)
+    options = dict(delta=1e-4, num_blocks=1, hidden=(4,), epochs=0.5, batch_size=100, noise_seed=1, verbose=False)
+    events = [("schema discovery", dp_accounting.GaussianDpEvent(40.0))]
+    ck = tmp_path / "ck"
+    DPFlowSynthesizer(adult_schema(), 2.0, schema_events=events, **options).fit(rows, checkpoint_dir=ck,
+                                                                                checkpoint_every=1)
+    with pytest.raises(ValueError, match="other schema_events"):
+        DPFlowSynthesizer(adult_schema(), 2.0, **options).fit(rows, checkpoint_dir=ck, resume=True)
+    wider = adult_schema().to_dict()
+    age = next(c for c in wider["columns"] if c["name"] == "age")
+    age["upper"] = age["upper"] + 10
+    with pytest.raises(ValueError, match="another schema"):
+        DPFlowSynthesizer(Schema.from_dict(wider), 2.0, schema_events=events, **options).fit(
+            rows, checkpoint_dir=ck, resume=True)
+    resumed = DPFlowSynthesizer(adult_schema(), 2.0, schema_events=events, **options).fit(rows, checkpoint_dir=ck,
+                                                                                          resume=True)
+    assert resumed.privacy_report()["epsilon"] <= 2.0
+
+
 def _train_cmd(files, out, *extra):
     return [sys.executable, "-m", "dpnf_jax.cli", "train", "--data", str(files / "train.csv"),
             "--schema", str(files / "schema.json"), "--out", str(out), "--epochs", "6", "--batch-size", "100",
