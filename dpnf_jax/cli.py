@@ -298,16 +298,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         schema_events=schema_events,
     )
     out = Path(args.out)
-    if processes > 1:  # an unwritable --out on process 0 must stop the others too
+    error = None
+    if process == 0:
+        try:
+            if processes > 1:  # one process alone checks it in staging(), which also cleans up after a failure
+                check_writable_dir(out)
+            if args.resume and not (out / "checkpoint").exists() and (out / "privacy.json").exists():
+                raise CLIError(f"--resume: {out} holds a finished run (its checkpoint is deleted once a run is done); "
+                               "nothing to resume, and training again would spend a new privacy budget")
+        except CLIError as err:
+            error = err
+    if processes > 1:  # an error on process 0 must stop the others too
         from dpnf_jax.train import raise_together
 
-        error = None
-        if process == 0:
-            try:
-                check_writable_dir(out)
-            except CLIError as err:
-                error = err
         raise_together(error)
+    elif error is not None:
+        raise error
     started = time.perf_counter()
     fit_options = dict(checkpoint_dir=out / "checkpoint", checkpoint_every=args.checkpoint_every, resume=args.resume)
     if process != 0:  # the other processes train with process 0 and write nothing
@@ -334,6 +340,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             _evaluate_into(stage / "report", train, synthetic, schema, test, target, synth, args.seed)
     _say(args, f"wrote {out}/ (model/, synthetic.csv with {rows} rows, privacy.json"
          + ("" if not evaluate else ", report/") + f") in {time.perf_counter() - started:.1f} s")
+    if (out / "checkpoint").exists():
+        if args.keep_checkpoint:
+            _say(args, f"note: kept {out}/checkpoint/; it holds the PRIVATE noise seed: never publish it")
+        else:  # the run is done: the checkpoint (with the noise seed) has nothing left to resume
+            shutil.rmtree(out / "checkpoint")
     if report["private"]:
         _say(args, f"privacy: epsilon={report['epsilon']:.4f}, delta={report['delta']:.3g} ({report['delta_source']}) "
              "covers model/, synthetic.csv and privacy.json")
@@ -609,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write a crash-safe checkpoint to OUT/checkpoint every N steps (operator-side, do not share)")
     model.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint: same model and same epsilon as an uninterrupted run")
+    model.add_argument("--keep-checkpoint", action="store_true",
+                       help="keep OUT/checkpoint after a successful run (by default it is deleted: it holds the "
+                            "private noise seed)")
     hosts = train.add_argument_group("several hosts (jax.distributed; run the same command on every host)")
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0 (or DPNF_COORDINATOR)")
     hosts.add_argument("--num-processes", type=positive_int, help="number of processes (or DPNF_NUM_PROCESSES)")

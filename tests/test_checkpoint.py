@@ -128,7 +128,10 @@ def files(tmp_path_factory):
 def test_sigkill_then_resume_matches_uninterrupted_run(files, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference = tmp_path / "reference"
-    subprocess.run(_train_cmd(files, reference), check=True, env=env, timeout=300)
+    # (checkpointing changes nothing in the result; --keep-checkpoint keeps it after the run)
+    subprocess.run(_train_cmd(files, reference, "--checkpoint-every", "100", "--keep-checkpoint"), check=True, env=env,
+                   timeout=300)
+    assert (reference / "checkpoint" / "checkpoint.json").is_file()
 
     out = tmp_path / "killed"
     process = subprocess.Popen(_train_cmd(files, out, "--checkpoint-every", "4"), env=env)
@@ -156,4 +159,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(files, tmp_path):
     for name in ours.files:
         np.testing.assert_array_equal(ours[name], theirs[name])
     assert (out / "synthetic.csv").read_bytes() == (reference / "synthetic.csv").read_bytes()
-    assert Path(out / "checkpoint").is_dir()
+    assert not (out / "checkpoint").exists()  # deleted once the run is done: it holds the noise seed
+    again = subprocess.run(_train_cmd(files, out, "--resume"), env=env, timeout=300, capture_output=True, text=True)
+    assert again.returncode == 2 and "holds a finished run" in again.stderr  # no second, unaccounted run
