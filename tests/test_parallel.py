@@ -43,13 +43,33 @@ SCRIPT = textwrap.dedent(
     expected = report.noise_multiplier * C / report.expected_batch_size * np.sqrt(report.steps)
     out["noise_ratio"] = float(np.std(deltas) / expected)
 
-    # The synthesizer passes the mesh through (a smoke test on a small Adult subset).
-    from dpnf_jax import DPFlowSynthesizer
+    # A mesh of one device is the plain single-device run.
+    kw = dict(epsilon=2.0, delta=1e-4, epochs=1, batch_size=60, seed=1, noise_seed=2, method="fast", verbose=False)
+    one, _ = dp_fit(config, x, **kw, mesh=jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]))
+    plain, _ = dp_fit(config, x, **kw)
+    out["one-device-mesh"] = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12))
+                                 for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(one)))
+
+    # `dpnf train --devices 4` (CLI -> DPFlowSynthesizer(mesh=...) -> dp_fit) trains the
+    # model `--devices 1` trains, on a small Adult subset with a fixed noise seed.
+    import tempfile
+    from pathlib import Path
+    from dpnf_jax.cli import main
     from dpnf_jax.datasets import adult_schema, load_adult
-    rows = load_adult()[0].head(400)
-    synth = DPFlowSynthesizer(adult_schema(), epsilon=1.0, mesh=mesh, num_blocks=2, hidden=(8,), epochs=1,
-                              batch_size=100, verbose=False).fit(rows)
-    out["synth_rows"] = len(synth.sample(10, seed=0))
+    tmp = Path(tempfile.mkdtemp())
+    load_adult()[0].head(400).to_csv(tmp / "t.csv", index=False)
+    adult_schema().to_json(tmp / "s.json")
+    models = {}
+    for devices in (1, 4):
+        code = main(["train", "--data", str(tmp / "t.csv"), "--schema", str(tmp / "s.json"), "--epsilon", "1",
+                     "--noise-seed", "4", "--epochs", "1", "--blocks", "2", "--hidden", "8", "--batch-size", "100",
+                     "--rows", "10", "--no-eval", "--quiet", "--devices", str(devices), "--out", str(tmp / str(devices))])
+        assert code == 0, code
+        with np.load(tmp / str(devices) / "model" / "params.npz") as f:
+            models[devices] = {k: f[k] for k in f.files}
+    out["cli-devices"] = max(float(np.max(np.abs(models[1][k] - models[4][k])) / (np.max(np.abs(models[1][k])) + 1e-12))
+                             for k in models[1])
+    out["cli-rows"] = sum(1 for _ in open(tmp / "4" / "synthetic.csv")) - 1
     json.dump(out, sys.stdout)
     """
 )
@@ -62,7 +82,7 @@ def results():
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return json.loads(done.stdout.strip().splitlines()[-1])  # the CLI may print above it
 
 
 @pytest.mark.parametrize("case", ["fast-flat", "vmap-flat", "fast-per_unit"])
@@ -75,5 +95,10 @@ def test_noise_is_drawn_once_not_per_device(results):
     assert 0.9 < results["noise_ratio"] < 1.1
 
 
-def test_synthesizer_trains_on_a_mesh(results):
-    assert results["synth_rows"] == 10
+def test_one_device_mesh_is_the_plain_run(results):
+    assert results["one-device-mesh"] < 1e-5
+
+
+def test_cli_devices_trains_the_single_device_model(results):
+    assert results["cli-devices"] < 1e-4
+    assert results["cli-rows"] == 10
