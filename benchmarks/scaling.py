@@ -211,7 +211,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if result.get("stream"):
         lines += ["## Streaming from Parquet vs table size (one process per size)", "",
-                  "| rows | file (MB) | scan rows/s | steps | passes | setup (s) | loop sampled rows/s | peak RSS (MB) |",
+                  "| rows | file (MB) | scan rows/s | steps | passes | setup (s) | loop sampled rows/s | peak RSS (MiB) |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in result["stream"]:
             lines.append(f"| {p['rows']:,} | {p['file_bytes'] / 1e6:.0f} | {p['scan_rows_per_s']:,.0f} | {p['steps']} | "
