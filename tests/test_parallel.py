@@ -30,6 +30,10 @@ SCRIPT = textwrap.dedent(
         diff = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12))
                    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)))
         out[f"{method}-{clipper.to_dict()['type']}"] = diff
+        # Parameters are replicated: every device holds the same copy after training.
+        copies = [[np.asarray(shard.data) for shard in leaf.addressable_shards] for leaf in jax.tree.leaves(sharded)]
+        out[f"{method}-{clipper.to_dict()['type']}-replicas"] = [
+            min(len(c) for c in copies), all((c[0] == other).all() for c in copies for other in c[1:])]
 
     # Noise once: tiny clip bound so the update is (almost) pure noise; SGD with lr 1.
     # params_after - params_before = -(sum clipped + noise) / (qN): std sigma*C/(qN).
@@ -88,6 +92,7 @@ def results():
 @pytest.mark.parametrize("case", ["fast-flat", "vmap-flat", "fast-per_unit"])
 def test_sharded_equals_single_device(results, case):
     assert results[case] < 1e-4
+    assert results[f"{case}-replicas"] == [4, True]  # one identical copy on each of the 4 devices
 
 
 def test_noise_is_drawn_once_not_per_device(results):
