@@ -16,6 +16,7 @@ import math
 import os
 import secrets
 import shutil
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,6 +179,7 @@ class DPFlowSynthesizer:
         self.report: DPReport | None = None
         self.num_rows: int | None = None
         self.delta_was_default = delta is None
+        self.scan_seconds: float | None = None  # fit_stream's validating pass (wall time)
         # Validate the flow options now, not after the data were touched.
         FlowConfig(dim=1, **self.flow_options)
 
@@ -354,6 +356,7 @@ class DPFlowSynthesizer:
         counts = None
         clipped = dict.fromkeys((c.name for c in self.schema if isinstance(c, ContinuousColumn)), 0)
         digest = hashlib.sha256()
+        scan_started = time.perf_counter()
         bar = tqdm(total=hi - lo, unit="rows", unit_scale=True, desc="validate + count", disable=not self.verbose,
                    dynamic_ncols=True)
         error = None
@@ -368,11 +371,12 @@ class DPFlowSynthesizer:
                     if column.name in clipped:
                         v = parsed[column.name]
                         clipped[column.name] += int(np.sum((v < column.lower) | (v > column.upper)))
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # an unreadable shard, too, stops every host
             error = err
         finally:
             bar.close()
         raise_together(error)  # a bad row on one host stops every host, before anything is spent
+        self.scan_seconds = time.perf_counter() - scan_started
         clipped = {k: int(v) for k, v in sum_over_processes(clipped).items()}
         if any(clipped.values()):
             detail = ", ".join(f"{k}={v}" for k, v in clipped.items() if v)

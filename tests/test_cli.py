@@ -165,6 +165,9 @@ def test_train_streams_a_parquet_file(files, tmp_path, capsys):
     a, b = (json.loads((tmp_path / d / "model" / "dpnf_model.json").read_text()) for d in ("streamed", "memory"))
     assert a["encoder"]["noisy_counts"] == b["encoder"]["noisy_counts"]
     assert a["report"]["epsilon"] == b["report"]["epsilon"] <= 2.0
+    privacy = json.loads((streamed / "privacy.json").read_text())
+    assert 0 < privacy["scan_seconds"] <= privacy["fit_seconds"]  # the validating pass is timed apart
+    assert "scan_seconds" not in json.loads((tmp_path / "memory" / "privacy.json").read_text())
 
 
 def test_streamed_bad_row_exits_2_and_leaves_nothing(files, tmp_path, capsys):
