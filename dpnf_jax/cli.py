@@ -305,7 +305,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 check_writable_dir(out)
             if args.resume and not (out / "checkpoint").exists() and (out / "privacy.json").exists():
                 raise CLIError(f"--resume: {out} holds a finished run (its checkpoint is deleted once a run is done); "
-                               "nothing to resume, and training again would spend a new privacy budget")
+                               "nothing to resume. Training again is a new release on a new privacy budget: "
+                               "drop --resume (or use another --out) if that is what you want")
         except CLIError as err:
             error = err
     if processes > 1:  # an error on process 0 must stop the others too
