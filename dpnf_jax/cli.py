@@ -74,8 +74,13 @@ def check_writable_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A staging directory beside ``out``; on success its entries replace those in ``out``."""
+def staging(out: Path, outputs: Sequence[str] = ()) -> Iterator[Path]:
+    """A staging directory beside ``out``; on success its entries replace those in ``out``.
+
+    ``outputs`` names everything this command can write: one that an earlier run left in
+    ``out`` and this run did not write (say, ``report/`` after a run with ``--no-eval``)
+    is removed, so ``out`` never mixes two runs' files.
+    """
     created = not out.exists()
     check_writable_dir(out)
     # Staging left behind by a killed run (one run per output directory at a time).
@@ -90,11 +95,18 @@ def staging(out: Path) -> Iterator[Path]:
             if created and not any(out.iterdir()):
                 out.rmdir()
             raise
-        for entry in sorted(stage.iterdir()):
+        written = sorted(stage.iterdir())
+        for entry in written:
             if entry.is_dir():
                 publish_dir(entry, out / entry.name)
             else:
                 os.replace(entry, out / entry.name)
+        for name in set(outputs) - {entry.name for entry in written}:
+            stale = out / name
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -233,6 +245,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- commands
 
 
+TRAIN_OUTPUTS = ("model", "synthetic.csv", "privacy.json", "schema.json", "report")
 SAMPLE_CHUNK = 100_000  # synthetic rows generated (and written) at a time
 STREAM_DEFAULT_ROWS = 100_000  # default synthetic rows when training from a stream
 
@@ -324,7 +337,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             synth.fit(train, **fit_options)
         return 0
     evaluate = not args.no_eval and train is not None
-    with staging(out) as stage:
+    with staging(out, TRAIN_OUTPUTS) as stage:
         if streamed:
             synth.fit_stream(table, prefetch_rows=args.prefetch_rows, **fit_options)
         else:
