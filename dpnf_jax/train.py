@@ -492,8 +492,9 @@ def sum_over_processes(counts: dict[Any, Any]) -> dict[Any, np.ndarray]:
     keys = list(counts)
     flat = np.concatenate([np.ravel(np.asarray(counts[k], np.int64)) for k in keys])
     # int64 through JAX needs x64; counts below 2**31 per process fit int32 exactly.
-    if flat.size and flat.max() >= 2**31:
-        raise ValueError("a count per process reached 2**31; split the table over more processes")
+    too_large = bool(flat.size) and flat.max() >= 2**31
+    raise_together(ValueError("a count per process reached 2**31; split the table over more processes")
+                   if too_large else None)  # on every process, so none waits in the gather below
     total = np.asarray(multihost_utils.process_allgather(flat.astype(np.int32))).astype(np.int64).sum(axis=0)
     out, at = {}, 0
     for k in keys:
