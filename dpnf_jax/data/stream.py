@@ -205,7 +205,9 @@ class TableFile:
                     part = frame.iloc[start:stop]
                     blank = part.isna().all(axis=1).to_numpy()
                     if blank.any():
-                        raise ValueError(f"{path}: row {first + start + int(np.argmax(blank))} is a blank line")
+                        raise ValueError(f"{path}: row {first + start + int(np.argmax(blank))} is a blank line (or every "
+                                         "field of the schema's columns is empty); a streamed CSV has no empty rows: "
+                                         "remove the line")
                     yield first + start, part[names].reset_index(drop=True)
                 first += len(frame)
             if first < hi:
