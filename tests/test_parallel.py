@@ -63,6 +63,14 @@ SCRIPT = textwrap.dedent(
     tmp = Path(tempfile.mkdtemp())
     load_adult()[0].head(400).to_csv(tmp / "t.csv", index=False)
     adult_schema().to_json(tmp / "s.json")
+    # Record the mesh that reaches dp_fit: equal parameters alone would not show that the
+    # CLI passed it on (a silently dropped mesh trains the single-device model too).
+    import dpnf_jax.synthesizer as synthesizer_module
+    meshes, real_dp_fit = [], synthesizer_module.dp_fit
+    def recording_dp_fit(*args, **kwargs):
+        meshes.append(None if kwargs.get("mesh") is None else kwargs["mesh"].size)
+        return real_dp_fit(*args, **kwargs)
+    synthesizer_module.dp_fit = recording_dp_fit
     models = {}
     for devices in (1, 4):
         code = main(["train", "--data", str(tmp / "t.csv"), "--schema", str(tmp / "s.json"), "--epsilon", "1",
@@ -73,6 +81,7 @@ SCRIPT = textwrap.dedent(
             models[devices] = {k: f[k] for k in f.files}
     out["cli-devices"] = max(float(np.max(np.abs(models[1][k] - models[4][k])) / (np.max(np.abs(models[1][k])) + 1e-12))
                              for k in models[1])
+    out["cli-meshes"] = meshes
     out["cli-rows"] = sum(1 for _ in open(tmp / "4" / "synthetic.csv")) - 1
     json.dump(out, sys.stdout)
     """
@@ -106,4 +115,5 @@ def test_one_device_mesh_is_the_plain_run(results):
 
 def test_cli_devices_trains_the_single_device_model(results):
     assert results["cli-devices"] < 1e-4
+    assert results["cli-meshes"] == [None, 4]  # --devices 1: no mesh; --devices 4: a 4-device mesh reached dp_fit
     assert results["cli-rows"] == 10
