@@ -203,6 +203,7 @@ class DPFlowSynthesizer:
             with the same model and the same epsilon as an uninterrupted run.
         """
         self.schema.validate_frame(df)
+        self.scan_seconds = None  # no validating pass over a file here (a reused synthesizer keeps no stale time)
         n = len(df)
         delta = default_delta(n) if self.delta is None else self.delta
         if self.epsilon is not None and delta >= 1.0 / n:
